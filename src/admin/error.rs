@@ -1,0 +1,79 @@
+//! Admin API errors: one HTTP status and one stable code per variant, JSON bodies.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("unknown tier {0:?}")]
+    UnknownTier(String),
+    #[error("a backing store is unavailable")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AdminError::BadRequest(_) | AdminError::UnknownTier(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::Unauthorized(_) => "unauthorized",
+            AdminError::BadRequest(_) => "invalid_request",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
+            AdminError::UnknownTier(_) => "unknown_tier",
+            AdminError::Unavailable(_) => "store_unavailable",
+            AdminError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<sqlx::Error> for AdminError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                AdminError::Unavailable(e.to_string())
+            }
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<redis::RedisError> for AdminError {
+    fn from(e: redis::RedisError) -> Self {
+        AdminError::Unavailable(e.to_string())
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        match &self {
+            AdminError::Unavailable(detail) | AdminError::Internal(detail) => {
+                tracing::error!(code = self.code(), %detail, "admin request failed");
+            }
+            _ => {}
+        }
+        let body = json!({"error": self.code(), "message": self.to_string()});
+        (self.status(), Json(body)).into_response()
+    }
+}

@@ -1,0 +1,68 @@
+//! The admin API (axum) on `admin_listen`: never public, every `/v1` call carries the admin
+//! token. Health and readiness answer without it, for load balancers and probes.
+
+pub mod accounts;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod keys;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+
+use crate::state::AppState;
+use error::AdminError;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/accounts", post(accounts::create))
+        .route("/v1/accounts/{id}", get(accounts::get))
+        .route("/v1/accounts/{id}/keys", post(keys::create))
+        .route("/v1/keys/{key_id}", delete(keys::revoke))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_admin,
+        ));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(v1)
+        .fallback(|| async { AdminError::NotFound("no such admin endpoint".into()) })
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <admin token>`, compared in constant time.
+async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, AdminError> {
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let config = state.config();
+    let expected = config.admin_token.as_deref().unwrap_or_default();
+    match presented {
+        Some(token)
+            if !expected.is_empty() && bool::from(token.as_bytes().ct_eq(expected.as_bytes())) =>
+        {
+            Ok(next.run(req).await)
+        }
+        Some(_) => Err(AdminError::Unauthorized("invalid admin token")),
+        None => Err(AdminError::Unauthorized(
+            "send Authorization: Bearer <admin token>",
+        )),
+    }
+}

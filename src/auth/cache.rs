@@ -1,0 +1,105 @@
+//! A small in-process TTL cache for resolved credentials and accounts, so the hot path never
+//! waits on Postgres. Entries are dropped early by the invalidation channel; while that channel
+//! is down every entry lives at most `degraded_ttl`, which keeps revocation within its bound.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+pub struct TtlCache<K, V> {
+    map: RwLock<HashMap<K, (V, Instant)>>,
+    ttl: Duration,
+    degraded_ttl: Duration,
+    capacity: usize,
+    /// False while the invalidation channel is not subscribed.
+    push_healthy: AtomicBool,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
+    pub fn new(ttl: Duration, degraded_ttl: Duration, capacity: usize) -> Self {
+        TtlCache {
+            map: RwLock::new(HashMap::new()),
+            ttl,
+            degraded_ttl,
+            capacity,
+            push_healthy: AtomicBool::new(false),
+        }
+    }
+
+    pub fn get(&self, key: &K) -> Option<V> {
+        let map = self.map.read();
+        let (value, inserted) = map.get(key)?;
+        let ttl = if self.push_healthy.load(Ordering::Relaxed) {
+            self.ttl
+        } else {
+            self.degraded_ttl
+        };
+        (inserted.elapsed() < ttl).then(|| value.clone())
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        let mut map = self.map.write();
+        if map.len() >= self.capacity && !map.contains_key(&key) {
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+        }
+        map.insert(key, (value, Instant::now()));
+    }
+
+    pub fn remove(&self, key: &K) {
+        self.map.write().remove(key);
+    }
+
+    pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
+        self.map.write().retain(|k, (v, _)| keep(k, v));
+    }
+
+    pub fn clear(&self) {
+        self.map.write().clear();
+    }
+
+    pub fn set_push_healthy(&self, healthy: bool) {
+        self.push_healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_and_degrades() {
+        let c = TtlCache::new(Duration::from_secs(60), Duration::from_millis(0), 10);
+        c.set_push_healthy(true);
+        c.insert(1, "a");
+        assert_eq!(c.get(&1), Some("a"));
+        c.set_push_healthy(false);
+        assert_eq!(c.get(&1), None, "degraded TTL applies while push is down");
+        c.set_push_healthy(true);
+        c.remove(&1);
+        assert_eq!(c.get(&1), None);
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let c = TtlCache::new(Duration::from_secs(60), Duration::from_secs(1), 4);
+        for i in 0..100 {
+            c.insert(i, i);
+        }
+        assert!(c.len() <= 4);
+    }
+}

@@ -1,0 +1,245 @@
+//! Config: TOML → serde structs (`raw`) → a validated [`Config`] the rest of the program trusts.
+//!
+//! Every problem is reported as `FILE: field.path: reason`, all of them at once, before anything
+//! starts. Credit amounts never pass through a float: TOML floats are replaced by their literal
+//! text before serde sees them, and [`Credits`] parses that text exactly.
+
+pub mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use crate::money::Credits;
+pub use raw::{FailMode, MonthlyCredits, RefundOn};
+
+/// A config file that cannot be used, with every reason found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", .problems.iter().map(|p| format!("{path}: {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub redis: raw::Redis,
+    pub postgres: PostgresConfig,
+    /// Admin bearer token; `None` when its environment variable is unset (serve refuses).
+    pub admin_token: Option<String>,
+    pub admin_token_env: String,
+    pub auth: AuthConfig,
+    pub stripe: Option<StripeConfig>,
+    pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
+    pub routes: Vec<Arc<RouteConfig>>,
+    pub tiers: BTreeMap<String, Arc<TierConfig>>,
+    pub credit_packs: Vec<raw::CreditPack>,
+    /// Secrets named by the file but absent from the environment: fatal for `serve`, reported
+    /// by `check-config`.
+    pub missing_secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub key_cache_ttl: Duration,
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// HS256 secret bytes.
+    pub secret: Option<Vec<u8>>,
+    /// RS256/ES256 public key PEM.
+    pub public_key_pem: Option<Vec<u8>>,
+    pub account_claim: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub secret_key: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub api_base: String,
+    pub success_url: String,
+    pub cancel_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path the upstream URL carries (without trailing slash), prepended to every request path.
+    pub base_path: String,
+    /// `host[:port]` as the upstream expects it in `Host`.
+    pub authority: String,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub preserve_host: bool,
+    pub tls_verify: bool,
+}
+
+/// How a route is charged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Price {
+    /// A fixed amount per request (may be zero: authenticated but free).
+    Fixed(Credits),
+    /// Metered from the request/response (tokens, size, duration).
+    Metered(raw::Pricing),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub index: usize,
+    pub name: String,
+    pub method: Option<Method>,
+    pub path_prefix: String,
+    pub upstream: Arc<UpstreamConfig>,
+    pub action: String,
+    pub price: Option<Price>,
+    pub feature: Option<String>,
+    pub refund_on: Vec<RefundOn>,
+    pub public: bool,
+    pub fail_mode: FailMode,
+}
+
+impl RouteConfig {
+    pub fn refunds(&self, on: RefundOn) -> bool {
+        self.refund_on.contains(&on)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    pub name: String,
+    pub raw: raw::Tier,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates TOML text; `env` resolves environment variables (injectable for tests).
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let parse_err = |message: String| ConfigError::Parse {
+            path: display.clone(),
+            message,
+        };
+        let exact = floats_as_literal_text(text).map_err(|e| parse_err(e.to_string()))?;
+        let de = toml::de::Deserializer::parse(&exact).map_err(|e| parse_err(e.to_string()))?;
+        let raw: raw::Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            let location = inner
+                .span()
+                .map(|s| format!(" (line {})", line_of(&exact, s.start)))
+                .unwrap_or_default();
+            if field == "." || field.is_empty() {
+                parse_err(format!("{message}{location}"))
+            } else {
+                parse_err(format!("{field}: {message}{location}"))
+            }
+        })?;
+        validate::validate(raw, path, env).map_err(|problems| ConfigError::Invalid {
+            path: display.clone(),
+            problems,
+        })
+    }
+
+    /// Fails when a secret the file names is missing from the environment.
+    pub fn require_secrets(&self) -> Result<(), ConfigError> {
+        if self.missing_secrets.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: self.source.display().to_string(),
+                problems: self.missing_secrets.clone(),
+            })
+        }
+    }
+
+    pub fn tier(&self, name: &str) -> Option<&Arc<TierConfig>> {
+        self.tiers.get(name)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+/// Replaces every TOML float by a string holding its literal text, so `cost = 0.2` reaches
+/// [`Credits`] as `"0.2"` and is parsed exactly. Line numbers are unchanged.
+fn floats_as_literal_text(text: &str) -> Result<String, toml_edit::TomlError> {
+    use toml_edit::visit_mut::{self, VisitMut};
+    struct Floats;
+    impl VisitMut for Floats {
+        fn visit_value_mut(&mut self, node: &mut toml_edit::Value) {
+            if let toml_edit::Value::Float(f) = node {
+                let literal = f
+                    .as_repr()
+                    .and_then(|r| r.as_raw().as_str())
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|| f.value().to_string());
+                let decor = f.decor().clone();
+                let mut replacement = toml_edit::Value::from(literal);
+                *replacement.decor_mut() = decor;
+                *node = replacement;
+                return;
+            }
+            visit_mut::visit_value_mut(self, node);
+        }
+    }
+    let mut doc: toml_edit::DocumentMut = text.parse()?;
+    Floats.visit_document_mut(&mut doc);
+    Ok(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests;

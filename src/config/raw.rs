@@ -1,0 +1,366 @@
+//! The TOML file as serde sees it. Unknown fields are errors everywhere; defaults live here so
+//! the reference config and the code cannot disagree about them.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::money::Credits;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub redis: Redis,
+    pub postgres: Postgres,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub stripe: Option<Stripe>,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Tier>,
+    #[serde(default)]
+    pub credit_packs: Vec<CreditPack>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Proxy listener; port 0 picks a free port (the `listening` line tells which).
+    pub listen: String,
+    pub admin_listen: String,
+    pub metrics_listen: String,
+    /// How long SIGTERM waits for in-flight requests before closing them.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    /// Worker threads for the proxy runtime; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// A Redis call slower than this counts as Redis unavailable (fail_mode applies).
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "tg".into()
+}
+fn default_shards() -> u32 {
+    64
+}
+fn default_redis_timeout() -> u64 {
+    250
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Postgres {
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Alternative to `url` so a password never sits in the file.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    #[serde(default = "default_pg_max")]
+    pub max_connections: u32,
+}
+
+fn default_pg_max() -> u32 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            token_env: default_admin_token_env(),
+        }
+    }
+}
+
+fn default_admin_token_env() -> String {
+    "TOLLGATE_ADMIN_TOKEN".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// How long a resolved API key stays in the in-process cache. Revocations are pushed
+    /// (Redis pub/sub), so this only bounds staleness if the push channel is down.
+    #[serde(default = "default_key_ttl")]
+    pub key_cache_ttl_seconds: u64,
+    #[serde(default)]
+    pub jwt: Option<Jwt>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            key_cache_ttl_seconds: default_key_ttl(),
+            jwt: None,
+        }
+    }
+}
+
+fn default_key_ttl() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    pub algorithms: Vec<String>,
+    /// HS256 shared secret, from this environment variable.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// RS256/ES256 public key (PEM) from this file...
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    /// ...or from this environment variable.
+    #[serde(default)]
+    pub public_key_env: Option<String>,
+    pub account_claim: String,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stripe {
+    pub secret_key_env: String,
+    pub webhook_secret_env: String,
+    #[serde(default = "default_stripe_base")]
+    pub api_base: String,
+    #[serde(default)]
+    pub success_url: Option<String>,
+    #[serde(default)]
+    pub cancel_url: Option<String>,
+}
+
+fn default_stripe_base() -> String {
+    "https://api.stripe.com".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: String,
+    pub url: String,
+    /// Replaces these request headers (the client's credential is always removed).
+    #[serde(default)]
+    pub set_headers: BTreeMap<String, String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the next byte from the upstream (AI calls think for a while).
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+    /// Send the client's Host header instead of the upstream's own host.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// Verify the upstream's TLS certificate (https only).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_read_timeout() -> u64 {
+    300_000
+}
+fn default_write_timeout() -> u64 {
+    60_000
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundOn {
+    ConnectError,
+    #[serde(rename = "5xx")]
+    Status5xx,
+    Timeout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Redis unreachable → 503 metering_unavailable.
+    #[default]
+    Closed,
+    /// Redis unreachable → forward unmetered, counted in a metric and the log.
+    Open,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path_prefix: String,
+    pub upstream: String,
+    /// Name for quotas and usage stats; the route name when absent.
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub cost: Option<Credits>,
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+    #[serde(default)]
+    pub feature: Option<String>,
+    #[serde(default = "default_refund_on")]
+    pub refund_on: Vec<RefundOn>,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub fail_mode: FailMode,
+}
+
+fn default_refund_on() -> Vec<RefundOn> {
+    vec![RefundOn::ConnectError, RefundOn::Status5xx]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    #[serde(default)]
+    pub per_request: Option<Credits>,
+    #[serde(default)]
+    pub input_per_1k_tokens: Option<Credits>,
+    #[serde(default)]
+    pub output_per_1k_tokens: Option<Credits>,
+    #[serde(default)]
+    pub per_mb_request_body: Option<Credits>,
+    #[serde(default)]
+    pub per_minute: Option<Credits>,
+    #[serde(default)]
+    pub reserve: Option<Credits>,
+}
+
+/// `monthly_credits = 20` or `monthly_credits = "unlimited"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonthlyCredits {
+    Limited(Credits),
+    Unlimited,
+}
+
+impl<'de> Deserialize<'de> for MonthlyCredits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Credits(Credits),
+            Text(String),
+        }
+        // Floats arrive as their literal text (see config::load), so strings are tried as
+        // "unlimited" first and then as decimals.
+        let value = serde_json::Value::deserialize(d)?;
+        if value.as_str() == Some("unlimited") {
+            return Ok(MonthlyCredits::Unlimited);
+        }
+        match serde_json::from_value::<Either>(value.clone()) {
+            Ok(Either::Credits(c)) => Ok(MonthlyCredits::Limited(c)),
+            Ok(Either::Text(t)) => Err(serde::de::Error::custom(format!(
+                "{t:?} is neither a decimal number nor \"unlimited\""
+            ))),
+            Err(_) => Err(serde::de::Error::custom(format!(
+                "{value} is neither a decimal number nor \"unlimited\""
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionQuota {
+    #[serde(default)]
+    pub per_hour: Option<u64>,
+    #[serde(default)]
+    pub per_month: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub monthly_credits: MonthlyCredits,
+    #[serde(default)]
+    pub requests_per_hour: Option<u64>,
+    #[serde(default)]
+    pub requests_per_month: Option<u64>,
+    #[serde(default)]
+    pub action_quotas: BTreeMap<String, ActionQuota>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    #[serde(default)]
+    pub max_request_mb: Option<u64>,
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    #[serde(default)]
+    pub low_balance_credits: Option<Credits>,
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Monthly list price, used to name "the cheapest tier that has it" and for reports.
+    #[serde(default)]
+    pub price_cents_monthly: Option<u64>,
+    #[serde(default)]
+    pub price_cents_yearly: Option<u64>,
+    #[serde(default)]
+    pub stripe_price_id_monthly: Option<String>,
+    #[serde(default)]
+    pub stripe_price_id_yearly: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditPack {
+    pub id: String,
+    pub credits: Credits,
+    #[serde(default)]
+    pub bonus_credits: Credits,
+    pub price_cents: u64,
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    #[serde(default)]
+    pub stripe_price_id: Option<String>,
+}
+
+fn default_currency() -> String {
+    "usd".into()
+}

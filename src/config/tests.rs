@@ -1,0 +1,173 @@
+use super::*;
+
+const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+
+[redis]
+url = "redis://127.0.0.1:6379/0"
+
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/tollgate"
+
+[[upstreams]]
+name = "agent"
+url = "http://127.0.0.1:7001/base/"
+set_headers = { authorization = "Bearer ${AGENT_API_KEY}" }
+
+[[routes]]
+name = "chat"
+method = "POST"
+path_prefix = "/v1/chat/completions"
+upstream = "agent"
+action = "ai_message"
+cost = 0.2
+feature = "chat"
+
+[tiers.free]
+monthly_credits = 20
+features = ["chat"]
+"#;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "AGENT_API_KEY" => Some("sk-up".into()),
+        "TOLLGATE_ADMIN_TOKEN" => Some("admin-token-0123456789".into()),
+        _ => None,
+    }
+}
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, Path::new("t.toml"), &env)
+}
+
+fn errors(text: &str) -> String {
+    load(text).unwrap_err().to_string()
+}
+
+#[test]
+fn loads_the_base_config_exactly() {
+    let c = load(BASE).unwrap();
+    assert_eq!(
+        c.routes[0].price,
+        Some(Price::Fixed(Credits::from_micros(200_000)))
+    );
+    assert_eq!(c.routes[0].action, "ai_message");
+    assert_eq!(c.routes[0].method, Some(Method::POST));
+    let up = &c.upstreams["agent"];
+    assert_eq!(
+        (up.host.as_str(), up.port, up.base_path.as_str()),
+        ("127.0.0.1", 7001, "/base")
+    );
+    assert_eq!(up.set_headers[0].1, "Bearer sk-up");
+    assert_eq!(c.redis.key_prefix, "tg");
+    assert_eq!(c.redis.shards, 64);
+    assert!(c.missing_secrets.is_empty());
+    assert_eq!(
+        c.tiers["free"].raw.monthly_credits,
+        MonthlyCredits::Limited(Credits::from_micros(20_000_000))
+    );
+}
+
+#[test]
+fn a_bad_cost_names_the_field() {
+    let text = BASE.replace("cost = 0.2", "cost = \"lots\"");
+    let e = errors(&text);
+    assert!(e.contains("routes[0].cost"), "{e}");
+    assert!(e.contains("\"lots\" is not a decimal number"), "{e}");
+}
+
+#[test]
+fn too_precise_costs_are_rejected_not_rounded() {
+    let e = errors(&BASE.replace("cost = 0.2", "cost = 0.0000001"));
+    assert!(
+        e.contains("routes[0].cost") && e.contains("more than 6 decimal places"),
+        "{e}"
+    );
+}
+
+#[test]
+fn floats_with_exponents_are_rejected() {
+    let e = errors(&BASE.replace("cost = 0.2", "cost = 2e-1"));
+    assert!(e.contains("routes[0].cost"), "{e}");
+}
+
+#[test]
+fn unknown_fields_are_errors() {
+    let e = errors(&BASE.replace("cost = 0.2", "cost = 0.2\ncolour = \"red\""));
+    assert!(e.contains("routes[0]") && e.contains("colour"), "{e}");
+}
+
+#[test]
+fn references_are_checked() {
+    let text = BASE
+        .replace("upstream = \"agent\"", "upstream = \"nope\"")
+        .replace("feature = \"chat\"", "feature = \"voice\"");
+    let e = errors(&text);
+    assert!(
+        e.contains("routes[0].upstream: no upstream named \"nope\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("routes[0].feature: no tier lists feature \"voice\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn action_quotas_must_name_a_route_action() {
+    let text = BASE.replace(
+        "features = [\"chat\"]",
+        "features = [\"chat\"]\naction_quotas = { nothing = { per_month = 5 } }",
+    );
+    assert!(errors(&text).contains("tiers.free.action_quotas.nothing"));
+}
+
+#[test]
+fn missing_secrets_are_reported_not_fatal_at_load() {
+    let c = Config::from_toml(BASE, Path::new("t.toml"), &|_| None).unwrap();
+    assert!(c.require_secrets().is_err());
+    let all = c.missing_secrets.join("\n");
+    assert!(
+        all.contains("AGENT_API_KEY") && all.contains("TOLLGATE_ADMIN_TOKEN"),
+        "{all}"
+    );
+}
+
+#[test]
+fn unlimited_and_addresses() {
+    let text = BASE
+        .replace("monthly_credits = 20", "monthly_credits = \"unlimited\"")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"");
+    let e = errors(&text);
+    assert!(
+        e.contains("server.listen: \"nowhere\" is not an address"),
+        "{e}"
+    );
+    let ok =
+        load(&BASE.replace("monthly_credits = 20", "monthly_credits = \"unlimited\"")).unwrap();
+    assert_eq!(
+        ok.tiers["free"].raw.monthly_credits,
+        MonthlyCredits::Unlimited
+    );
+    let e = errors(&BASE.replace("monthly_credits = 20", "monthly_credits = \"lots\""));
+    assert!(e.contains("tiers.free.monthly_credits"), "{e}");
+}
+
+#[test]
+fn public_routes_cannot_be_priced_and_priced_routes_need_a_price() {
+    let e = errors(&BASE.replace("feature = \"chat\"", "feature = \"chat\"\npublic = true"));
+    assert!(e.contains("a public route is not metered"), "{e}");
+    let e = errors(&BASE.replace("cost = 0.2", ""));
+    assert!(e.contains("set cost (0 for free) or pricing"), "{e}");
+}
+
+#[test]
+fn the_reference_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let c = Config::from_toml(&text, &path, &|_| Some("x-secret-value-long-enough".into()));
+    assert!(c.is_ok(), "{}", c.unwrap_err());
+}

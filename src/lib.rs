@@ -1,0 +1,17 @@
+//! tollgate: a metering reverse proxy for AI services.
+//!
+//! The request path reads in module order: [`proxy`] (route → auth → gate → debit → upstream →
+//! meter → settle). The money path: [`money`] → [`ledger`] (Redis scripts) → journal.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod money;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,142 @@
+//! Prometheus metrics, served as text on `metrics_listen` `/metrics`. Names are `tollgate_*`
+//! with the conventional `_total` / `_seconds` suffixes.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests by route and outcome (`forwarded` or the stable error code).
+    pub requests: IntCounterVec,
+    /// Time from sending the request upstream to the end of its response, by route.
+    pub upstream_seconds: HistogramVec,
+    /// Authentication failures by reason.
+    pub auth_failures: IntCounterVec,
+    /// Credits debited (micro-credits) by route and tier.
+    pub credits_debited_micros: IntCounterVec,
+    /// Requests refused by the plan (402/403/429/413) by reason.
+    pub plan_rejections: IntCounterVec,
+    /// Round-trip time of ledger script calls, by script.
+    pub redis_script_seconds: HistogramVec,
+    /// Ledger script failures (timeouts, connection errors) by script.
+    pub redis_errors: IntCounterVec,
+    /// Accounts loaded from Postgres into Redis.
+    pub hydrations: IntCounter,
+    /// Requests forwarded unmetered because Redis was unavailable on a `fail_mode = "open"` route.
+    pub unmetered: IntCounterVec,
+    /// Requests currently being proxied.
+    pub in_flight: IntGauge,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let upstream_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let fast_buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ];
+        let hydrations = IntCounter::new(
+            "tollgate_hydrations_total",
+            "Accounts loaded from Postgres into Redis",
+        )?;
+        r.register(Box::new(hydrations.clone()))?;
+        let in_flight = IntGauge::new(
+            "tollgate_requests_in_flight",
+            "Requests currently being proxied",
+        )?;
+        r.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                &r,
+                "tollgate_requests_total",
+                "Requests by route and outcome",
+                &["route", "outcome"],
+            )?,
+            upstream_seconds: histogram(
+                &r,
+                "tollgate_upstream_duration_seconds",
+                "Upstream response time",
+                &["route"],
+                upstream_buckets,
+            )?,
+            auth_failures: counter(
+                &r,
+                "tollgate_auth_failures_total",
+                "Authentication failures by reason",
+                &["reason"],
+            )?,
+            credits_debited_micros: counter(
+                &r,
+                "tollgate_credits_debited_micros_total",
+                "Micro-credits debited by route and tier",
+                &["route", "tier"],
+            )?,
+            plan_rejections: counter(
+                &r,
+                "tollgate_plan_rejections_total",
+                "Requests refused by the plan, by reason",
+                &["reason"],
+            )?,
+            redis_script_seconds: histogram(
+                &r,
+                "tollgate_redis_script_duration_seconds",
+                "Ledger script round trip",
+                &["script"],
+                fast_buckets,
+            )?,
+            redis_errors: counter(
+                &r,
+                "tollgate_redis_errors_total",
+                "Ledger script failures",
+                &["script"],
+            )?,
+            unmetered: counter(
+                &r,
+                "tollgate_unmetered_requests_total",
+                "Requests forwarded unmetered (fail_mode = open)",
+                &["route"],
+            )?,
+            hydrations,
+            in_flight,
+            registry: r,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,103 @@
+//! Phase 1 — which route: method + longest path prefix, matched on whole path segments
+//! (`/v1/chat` matches `/v1/chat/completions`, not `/v1/chatter`).
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::RouteConfig;
+
+pub struct Router {
+    /// Longest prefix first; among equal prefixes, method-specific before any-method.
+    routes: Vec<Arc<RouteConfig>>,
+}
+
+impl Router {
+    pub fn new(routes: &[Arc<RouteConfig>]) -> Self {
+        let mut routes = routes.to_vec();
+        routes.sort_by(|a, b| {
+            b.path_prefix
+                .len()
+                .cmp(&a.path_prefix.len())
+                .then_with(|| b.method.is_some().cmp(&a.method.is_some()))
+        });
+        Router { routes }
+    }
+
+    pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<RouteConfig>> {
+        self.routes.iter().find(|r| {
+            r.method.as_ref().is_none_or(|m| m == method) && prefix_matches(&r.path_prefix, path)
+        })
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn router() -> (Router, Config) {
+        let text = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+[[routes]]
+name = "any_v1"
+path_prefix = "/v1"
+upstream = "u"
+cost = 1
+[[routes]]
+name = "chat_post"
+method = "POST"
+path_prefix = "/v1/chat"
+upstream = "u"
+cost = 1
+[[routes]]
+name = "chat_any"
+path_prefix = "/v1/chat"
+upstream = "u"
+cost = 1
+[[routes]]
+name = "root"
+path_prefix = "/"
+upstream = "u"
+public = true
+"#;
+        let c =
+            Config::from_toml(text, Path::new("t"), &|_| Some("0123456789abcdef".into())).unwrap();
+        (Router::new(&c.routes), c)
+    }
+
+    #[test]
+    fn longest_prefix_then_method() {
+        let (r, _c) = router();
+        let name = |m: Method, p: &str| r.find(&m, p).map(|r| r.name.clone());
+        assert_eq!(
+            name(Method::POST, "/v1/chat/completions").as_deref(),
+            Some("chat_post")
+        );
+        assert_eq!(
+            name(Method::GET, "/v1/chat/completions").as_deref(),
+            Some("chat_any")
+        );
+        assert_eq!(name(Method::GET, "/v1/chatter").as_deref(), Some("any_v1"));
+        assert_eq!(name(Method::GET, "/v1").as_deref(), Some("any_v1"));
+        assert_eq!(name(Method::GET, "/v2").as_deref(), Some("root"));
+    }
+}

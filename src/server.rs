@@ -1,0 +1,278 @@
+//! `tollgate serve`: connect the stores, bind the three listeners, run the proxy (Pingora's
+//! `HttpProxy` on our own accept loop, so port 0 works and everything shares one runtime), the
+//! admin API, the metrics endpoint and the background tasks; drain gracefully on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pingora::apps::ServerApp;
+use pingora::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::AuthCaches;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::state::{AppState, Snapshot};
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot reach Postgres: {0}")]
+    Postgres(String),
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot reach Redis at {url}: {reason}")]
+    Redis { url: String, reason: String },
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub struct ServeOptions {
+    pub migrate: bool,
+}
+
+/// Connects Redis, failing fast with a clear reason instead of retrying forever.
+pub async fn connect_redis(
+    cfg: &crate::config::raw::Redis,
+) -> Result<(redis::Client, redis::aio::ConnectionManager), StartError> {
+    let fail = |reason: String| StartError::Redis {
+        url: redact(&cfg.url),
+        reason,
+    };
+    let client = redis::Client::open(cfg.url.as_str()).map_err(|e| fail(e.to_string()))?;
+    let probe = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(fail("timed out after 5 s".into())),
+    }
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let manager_config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let manager = redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok((client, manager))
+}
+
+/// Connects Postgres (and migrates when asked).
+pub async fn connect_postgres(config: &Config, migrate: bool) -> Result<sqlx::PgPool, StartError> {
+    let pool = crate::store::connect(&config.postgres)
+        .await
+        .map_err(|e| StartError::Postgres(format!("{} ({e})", redact(&config.postgres.url))))?;
+    if migrate {
+        crate::store::migrate(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// Hides a password in a URL before it is printed.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Runs until SIGTERM/SIGINT, then drains.
+pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError> {
+    config.require_secrets()?;
+    let config = Arc::new(config);
+    let pg = connect_postgres(&config, opts.migrate).await?;
+    let (redis_client, redis) = connect_redis(&config.redis).await?;
+
+    let state = Arc::new(AppState {
+        snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::clone(&config))),
+        pg,
+        redis_client: redis_client.clone(),
+        redis,
+        caches: Arc::new(AuthCaches::new(config.auth.key_cache_ttl)),
+        metrics: Metrics::new()?,
+    });
+
+    let proxy_listener = bind("the proxy", config.server.listen).await?;
+    let admin_listener = bind("the admin API", config.server.admin_listen).await?;
+    let metrics_listener = bind("metrics", config.server.metrics_listen).await?;
+    let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
+    let proxy_addr = local(&proxy_listener, config.server.listen);
+    let admin_addr = local(&admin_listener, config.server.admin_listen);
+    let metrics_addr = local(&metrics_listener, config.server.metrics_listen);
+
+    let stop = CancellationToken::new();
+    let background = TaskTracker::new();
+
+    background.spawn(crate::auth::invalidation::listen(
+        redis_client,
+        config.redis.key_prefix.clone(),
+        Arc::clone(&state.caches),
+        stop.clone(),
+    ));
+
+    let admin_app = crate::admin::router(Arc::clone(&state));
+    let admin_stop = stop.clone();
+    background.spawn(async move {
+        let served = axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+
+    let metrics_app = {
+        let state = Arc::clone(&state);
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let state = Arc::clone(&state);
+                async move {
+                    (
+                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        state.metrics.render(),
+                    )
+                }
+            }),
+        )
+    };
+    let metrics_stop = stop.clone();
+    background.spawn(async move {
+        let served = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move { metrics_stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+
+    let server_conf = Arc::new(ServerConf {
+        threads: config.server.threads.max(1),
+        ..ServerConf::default()
+    });
+    let app = Arc::new(pingora::proxy::http_proxy(
+        &server_conf,
+        Gateway::new(Arc::clone(&state)),
+    ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let connections = TaskTracker::new();
+
+    eprintln!("listening proxy={proxy_addr} admin={admin_addr} metrics={metrics_addr}");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate serving");
+
+    let accept = accept_loop(
+        proxy_listener,
+        Arc::clone(&app),
+        shutdown_rx,
+        connections.clone(),
+        stop.clone(),
+    );
+    let signals = wait_for_signal();
+    tokio::pin!(accept);
+    tokio::select! {
+        _ = &mut accept => {}
+        _ = signals => {
+            tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        }
+    }
+    // Stop accepting, tell keep-alive connections to close after their current request, and
+    // wake idle ones so they close now.
+    stop.cancel();
+    let _ = shutdown_tx.send(true);
+    app.cleanup().await;
+    connections.close();
+    if tokio::time::timeout(config.server.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = connections.len(),
+            "shutdown grace period over; closing the remaining connections"
+        );
+    }
+    background.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
+    listener: TcpListener,
+    app: Arc<A>,
+    shutdown: watch::Receiver<bool>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, _peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let stream: pingora::protocols::Stream =
+                Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+            let mut next = app.process_new(stream, &shutdown).await;
+            while let Some(stream) = next {
+                next = app.process_new(stream, &shutdown).await;
+            }
+        });
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,45 @@
+//! What every request and admin call shares: the current config snapshot (swappable), the
+//! Postgres pool, the Redis connection, the auth caches and the metrics.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sqlx::PgPool;
+
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::AuthCaches;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::route::Router;
+
+/// Everything derived from one config file; replaced as a whole so a request sees one version.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub jwt: Option<JwtVerifier>,
+}
+
+impl Snapshot {
+    pub fn new(config: Arc<Config>) -> Self {
+        Snapshot {
+            router: Router::new(&config.routes),
+            jwt: config.auth.jwt.as_ref().map(JwtVerifier::new),
+            config,
+        }
+    }
+}
+
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub pg: PgPool,
+    pub redis_client: redis::Client,
+    pub redis: redis::aio::ConnectionManager,
+    pub caches: Arc<AuthCaches>,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.snapshot.load().config)
+    }
+}

@@ -1,0 +1,77 @@
+//! The `accounts` table.
+
+use chrono::{DateTime, Months, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AccountRow {
+    pub id: String,
+    pub tier: String,
+    pub status: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The end of the billing period that starts at `start`: one calendar month later.
+pub fn period_end_after(start: DateTime<Utc>) -> DateTime<Utc> {
+    start
+        .checked_add_months(Months::new(1))
+        .unwrap_or(start + chrono::Duration::days(30))
+}
+
+/// Inserts a new account; `Ok(None)` when the id is taken.
+pub async fn create(
+    pool: &PgPool,
+    id: &str,
+    tier: &str,
+) -> Result<Option<AccountRow>, sqlx::Error> {
+    let now = Utc::now();
+    sqlx::query_as::<_, AccountRow>(
+        "INSERT INTO accounts (id, tier, status, period_start, period_end)
+         VALUES ($1, $2, 'active', $3, $4)
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id, tier, status, period_start, period_end, created_at",
+    )
+    .bind(id)
+    .bind(tier)
+    .bind(now)
+    .bind(period_end_after(now))
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn get(pool: &PgPool, id: &str) -> Result<Option<AccountRow>, sqlx::Error> {
+    sqlx::query_as::<_, AccountRow>(
+        "SELECT id, tier, status, period_start, period_end, created_at FROM accounts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn set_tier(
+    pool: &PgPool,
+    id: &str,
+    tier: &str,
+) -> Result<Option<AccountRow>, sqlx::Error> {
+    sqlx::query_as::<_, AccountRow>(
+        "UPDATE accounts SET tier = $2, updated_at = now() WHERE id = $1
+         RETURNING id, tier, status, period_start, period_end, created_at",
+    )
+    .bind(id)
+    .bind(tier)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Account ids are chosen by operators; they go into Redis keys and URLs, so they are kept to
+/// a safe alphabet.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
