@@ -116,6 +116,11 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         redis_client: redis_client.clone(),
         redis,
         caches: Arc::new(AuthCaches::new(config.auth.key_cache_ttl)),
+        ledger: crate::ledger::Ledger::new(
+            &config.redis.key_prefix,
+            config.redis.shards,
+            Duration::from_millis(config.redis.timeout_ms),
+        ),
         metrics: Metrics::new()?,
     });
 
@@ -187,24 +192,21 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     eprintln!("listening proxy={proxy_addr} admin={admin_addr} metrics={metrics_addr}");
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate serving");
 
-    let accept = accept_loop(
+    let accept = tokio::spawn(accept_loop(
         proxy_listener,
         Arc::clone(&app),
         shutdown_rx,
         connections.clone(),
         stop.clone(),
-    );
-    let signals = wait_for_signal();
-    tokio::pin!(accept);
-    tokio::select! {
-        _ = &mut accept => {}
-        _ = signals => {
-            tracing::info!("shutting down: no new connections, finishing in-flight requests");
-        }
-    }
+    ));
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
     // Stop accepting, tell keep-alive connections to close after their current request, and
     // wake idle ones so they close now.
     stop.cancel();
+    // The accept loop owns the listener: once it returns, the port is closed and new
+    // connections are refused.
+    let _ = accept.await;
     let _ = shutdown_tx.send(true);
     app.cleanup().await;
     connections.close();

@@ -9,7 +9,9 @@ use sqlx::PgPool;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::AuthCaches;
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::proxy::gate::RateLimiters;
 use crate::proxy::route::Router;
 
 /// Everything derived from one config file; replaced as a whole so a request sees one version.
@@ -17,6 +19,7 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub jwt: Option<JwtVerifier>,
+    pub limiters: RateLimiters,
 }
 
 impl Snapshot {
@@ -24,6 +27,7 @@ impl Snapshot {
         Snapshot {
             router: Router::new(&config.routes),
             jwt: config.auth.jwt.as_ref().map(JwtVerifier::new),
+            limiters: RateLimiters::new(&config),
             config,
         }
     }
@@ -35,6 +39,7 @@ pub struct AppState {
     pub redis_client: redis::Client,
     pub redis: redis::aio::ConnectionManager,
     pub caches: Arc<AuthCaches>,
+    pub ledger: Ledger,
     pub metrics: Metrics,
 }
 

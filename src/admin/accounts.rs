@@ -50,7 +50,12 @@ pub async fn create(
         )));
     };
     tracing::info!(account = %row.id, tier = %row.tier, "account created");
-    Ok((StatusCode::CREATED, Json(account_json(&row))))
+    let config = state.config();
+    match account_with_balance(&state, &config, row.clone()).await {
+        Ok(body) => Ok((StatusCode::CREATED, Json(body))),
+        // Created in Postgres; Redis will hydrate it on first use.
+        Err(_) => Ok((StatusCode::CREATED, Json(account_json(&row)))),
+    }
 }
 
 pub async fn get(
@@ -60,5 +65,101 @@ pub async fn get(
     let row = accounts::get(&state.pg, &id)
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("no account {id:?}")))?;
-    Ok(Json(account_json(&row)))
+    account_with_balance(&state, &state.config(), row)
+        .await
+        .map(Json)
+}
+
+/// An account's live Redis state, hydrating it first if Redis does not hold it.
+pub async fn live_state(
+    state: &AppState,
+    config: &crate::config::Config,
+    id: &str,
+) -> Result<Option<crate::ledger::AccountState>, crate::ledger::LedgerError> {
+    let mut conn = state.redis.clone();
+    if let Some(live) = state.ledger.state(&mut conn, id).await? {
+        return Ok(Some(live));
+    }
+    match state.ledger.hydrate(&mut conn, &state.pg, config, id).await {
+        Ok(_) => state.ledger.state(&mut conn, id).await,
+        Err(crate::ledger::LedgerError::NoSuchAccount(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierChange {
+    pub tier: String,
+}
+
+/// Moves an account to another tier at once: features, quotas and rate follow immediately on
+/// every instance; the allowance becomes the new tier's monthly credits (journaled as a
+/// `subscription` entry); purchased credits are untouched.
+pub async fn set_tier(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TierChange>,
+) -> Result<Json<Value>, AdminError> {
+    let config = state.config();
+    let tier = config
+        .tier(&body.tier)
+        .ok_or_else(|| AdminError::UnknownTier(body.tier.clone()))?;
+    let monthly = match tier.raw.monthly_credits {
+        crate::config::MonthlyCredits::Limited(c) => Some(c),
+        crate::config::MonthlyCredits::Unlimited => None,
+    };
+    // Make sure Redis holds the account (with the old tier) so the change is journaled there.
+    if live_state(&state, &config, &id).await?.is_none() {
+        return Err(AdminError::NotFound(format!("no account {id:?}")));
+    }
+    let row = accounts::set_tier(&state.pg, &id, &body.tier)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("no account {id:?}")))?;
+    let entry_id = format!("{id}:tier:{}", uuid::Uuid::now_v7().simple());
+    let mut conn = state.redis.clone();
+    state
+        .ledger
+        .set_tier(&mut conn, &id, &body.tier, monthly, &entry_id)
+        .await?;
+    let prefix = config.redis.key_prefix.clone();
+    if let Err(e) = crate::auth::invalidation::publish(
+        &mut conn,
+        &prefix,
+        &state.caches,
+        crate::auth::invalidation::Invalidation::Account(&id),
+    )
+    .await
+    {
+        tracing::error!(error = %e, account = %id, "could not announce the tier change");
+    }
+    tracing::info!(account = %id, tier = %body.tier, "tier changed");
+    account_with_balance(&state, &config, row).await.map(Json)
+}
+
+async fn account_with_balance(
+    state: &AppState,
+    config: &crate::config::Config,
+    row: AccountRow,
+) -> Result<Value, AdminError> {
+    let live = live_state(state, config, &row.id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("no account {:?}", row.id)))?;
+    let unlimited = config
+        .tier(&live.tier)
+        .is_some_and(|t| t.raw.monthly_credits == crate::config::MonthlyCredits::Unlimited);
+    Ok(json!({
+        "id": row.id,
+        "tier": live.tier,
+        "status": live.status,
+        "balance": {
+            "allowance": live.allowance,
+            "purchased": live.purchased,
+            "total": live.total(),
+        },
+        "unlimited": unlimited,
+        "period_start": chrono::DateTime::from_timestamp(live.period_start, 0),
+        "period_end": chrono::DateTime::from_timestamp(live.period_end, 0),
+        "created_at": row.created_at,
+    }))
 }

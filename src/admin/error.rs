@@ -77,3 +77,19 @@ impl IntoResponse for AdminError {
         (self.status(), Json(body)).into_response()
     }
 }
+
+impl From<crate::ledger::LedgerError> for AdminError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        match e {
+            crate::ledger::LedgerError::NoSuchAccount(id) => {
+                AdminError::NotFound(format!("no account {id:?}"))
+            }
+            crate::ledger::LedgerError::UnknownTier { account, tier } => {
+                AdminError::Conflict(format!(
+                    "account {account:?} is on tier {tier:?}, which the config does not define"
+                ))
+            }
+            other => AdminError::Unavailable(other.to_string()),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod error;
 pub mod extract;
+pub mod grants;
 pub mod health;
 pub mod keys;
 
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use subtle::ConstantTimeEq;
 
@@ -23,6 +24,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/accounts", post(accounts::create))
         .route("/v1/accounts/{id}", get(accounts::get))
+        .route("/v1/accounts/{id}/tier", put(accounts::set_tier))
+        .route("/v1/accounts/{id}/grants", post(grants::create))
         .route("/v1/accounts/{id}/keys", post(keys::create))
         .route("/v1/keys/{key_id}", delete(keys::revoke))
         .route_layer(middleware::from_fn_with_state(

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 pub struct TtlCache<K, V> {
-    map: RwLock<HashMap<K, (V, Instant)>>,
+    /// value, inserted at, short-lived (a cached miss)
+    map: RwLock<HashMap<K, (V, Instant, bool)>>,
     ttl: Duration,
     degraded_ttl: Duration,
     capacity: usize,
@@ -31,8 +32,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
 
     pub fn get(&self, key: &K) -> Option<V> {
         let map = self.map.read();
-        let (value, inserted) = map.get(key)?;
-        let ttl = if self.push_healthy.load(Ordering::Relaxed) {
+        let (value, inserted, short) = map.get(key)?;
+        let ttl = if self.push_healthy.load(Ordering::Relaxed) && !short {
             self.ttl
         } else {
             self.degraded_ttl
@@ -41,15 +42,25 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     pub fn insert(&self, key: K, value: V) {
+        self.insert_entry(key, value, false);
+    }
+
+    /// Caches a miss: it lives only the short TTL, so a key or account created right after a
+    /// failed lookup works within a second.
+    pub fn insert_short(&self, key: K, value: V) {
+        self.insert_entry(key, value, true);
+    }
+
+    fn insert_entry(&self, key: K, value: V, short: bool) {
         let mut map = self.map.write();
         if map.len() >= self.capacity && !map.contains_key(&key) {
             let ttl = self.ttl;
-            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            map.retain(|_, (_, at, _)| at.elapsed() < ttl);
             if map.len() >= self.capacity {
                 map.clear();
             }
         }
-        map.insert(key, (value, Instant::now()));
+        map.insert(key, (value, Instant::now(), short));
     }
 
     pub fn remove(&self, key: &K) {
@@ -57,7 +68,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
-        self.map.write().retain(|k, (v, _)| keep(k, v));
+        self.map.write().retain(|k, (v, _, _)| keep(k, v));
     }
 
     pub fn clear(&self) {
@@ -92,6 +103,16 @@ mod tests {
         c.set_push_healthy(true);
         c.remove(&1);
         assert_eq!(c.get(&1), None);
+    }
+
+    #[test]
+    fn misses_are_short_lived() {
+        let c = TtlCache::new(Duration::from_secs(60), Duration::from_millis(0), 10);
+        c.set_push_healthy(true);
+        c.insert_short(1, None::<u8>);
+        assert_eq!(c.get(&1), None);
+        c.insert(2, Some(2));
+        assert_eq!(c.get(&2), Some(Some(2)));
     }
 
     #[test]

@@ -61,7 +61,16 @@ impl JwtVerifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.cfg.leeway_seconds;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured issuer/audience must be present, not merely "not wrong when present":
+        // otherwise a token minted for another service with the same key would pass.
+        let mut required = vec!["exp"];
+        if self.cfg.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.cfg.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         match &self.cfg.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,

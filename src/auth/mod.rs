@@ -96,7 +96,11 @@ impl AuthCaches {
                     tier: k.tier,
                     status: k.status,
                 });
-                self.keys.insert(hash, identity.clone());
+                if identity.is_some() {
+                    self.keys.insert(hash, identity.clone());
+                } else {
+                    self.keys.insert_short(hash, None);
+                }
                 identity
             }
         };
@@ -115,7 +119,11 @@ impl AuthCaches {
                 let found = crate::store::accounts::get(pool, account_id)
                     .await?
                     .map(|a| (a.tier, a.status));
-                self.accounts.insert(account_id.to_string(), found.clone());
+                if found.is_some() {
+                    self.accounts.insert(account_id.to_string(), found.clone());
+                } else {
+                    self.accounts.insert_short(account_id.to_string(), None);
+                }
                 found
             }
         };

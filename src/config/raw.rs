@@ -59,6 +59,14 @@ pub struct Redis {
     /// A Redis call slower than this counts as Redis unavailable (fail_mode applies).
     #[serde(default = "default_redis_timeout")]
     pub timeout_ms: u64,
+    /// A concurrency lease (`max_concurrent`) expires after this long even if its request's
+    /// instance died without releasing it.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    300
 }
 
 fn default_prefix() -> String {

@@ -143,6 +143,9 @@ pub(super) fn validate(
     if !(1..=16384).contains(&redis.shards) {
         p.add("redis.shards", "must be between 1 and 16384");
     }
+    if !(1..=86_400).contains(&redis.lease_ttl_seconds) {
+        p.add("redis.lease_ttl_seconds", "must be between 1 and 86400");
+    }
     if redis.timeout_ms == 0 {
         p.add("redis.timeout_ms", "must be greater than 0");
     }
@@ -465,6 +468,12 @@ pub(super) fn validate(
             }
             (None, Some(pr)) => {
                 validate_pricing(pr, &format!("{f}.pricing"), &mut p);
+                // Token, size and duration metering need the settle path; until it exists a
+                // priced route would be charged wrongly, so it is refused rather than guessed.
+                p.add(
+                    format!("{f}.pricing"),
+                    "token/size/duration pricing is not available in this version; use cost",
+                );
                 Some(Price::Metered(pr.clone()))
             }
             (None, None) => None,

@@ -3,8 +3,12 @@
 //! This file only wires the phases together and keeps the per-request context.
 
 pub mod auth;
+pub mod debit;
+pub mod gate;
 pub mod respond;
 pub mod route;
+pub mod selfservice;
+pub mod settle;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::auth::Identity;
-use crate::config::RouteConfig;
+use crate::config::{FailMode, Price, RouteConfig};
 use crate::error::GatewayError;
 use crate::state::{AppState, Snapshot};
 
@@ -46,6 +50,15 @@ pub struct RequestCtx {
     /// Header that carried the credential, removed before forwarding.
     pub credential_header: Option<&'static str>,
     pub upstream_started: Option<Instant>,
+    /// What the debit took; `None` on public, unmetered or refused requests.
+    pub charge: Option<debit::Charge>,
+    /// The charge was refunded (or the policy decided it will be) — never twice.
+    pub refunded: bool,
+    /// Status the upstream answered with.
+    pub upstream_status: Option<u16>,
+    /// The tier's body limit, enforced on bodies without Content-Length as they stream.
+    pub max_body_bytes: Option<u64>,
+    pub body_bytes: u64,
     /// Stable outcome label for metrics: `forwarded` or an error code.
     pub outcome: &'static str,
     pub counted_in_flight: bool,
@@ -64,6 +77,101 @@ fn request_id(session: &Session) -> String {
 }
 
 impl Gateway {
+    /// Gates and debit for an authenticated caller; fills `ctx.charge`.
+    async fn meter(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+        route: &RouteConfig,
+        identity: &Identity,
+    ) -> Result<(), GatewayError> {
+        let cost = match &route.price {
+            Some(Price::Fixed(cost)) => *cost,
+            // Refused by config validation until metered pricing exists.
+            Some(Price::Metered(_)) | None => return Err(GatewayError::Internal),
+        };
+        let mut tier_name = identity.tier.clone();
+        for _ in 0..2 {
+            let Some(tier) = snap.config.tier(&tier_name) else {
+                return Err(GatewayError::AccountInactive {
+                    status: format!("on tier {tier_name:?}, which no longer exists"),
+                });
+            };
+            if let Err(err) =
+                gate::check(&snap.config, &snap.limiters, route, identity, tier, session)
+            {
+                self.state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&[err.code()])
+                    .inc();
+                return Err(err);
+            }
+            ctx.max_body_bytes = tier
+                .raw
+                .max_request_mb
+                .map(|mb| mb.saturating_mul(gate::BYTES_PER_MB));
+            match debit::debit(
+                &self.state,
+                snap,
+                route,
+                identity,
+                tier,
+                cost,
+                &ctx.request_id,
+            )
+            .await
+            {
+                Ok(debit::Debit::Charged(charge)) => {
+                    ctx.charge = Some(charge);
+                    return Ok(());
+                }
+                Ok(debit::Debit::TierChanged(tier)) => tier_name = tier,
+                Err(debit::DebitError::Rejected(err)) => return Err(err),
+                Err(debit::DebitError::Unavailable(e)) => {
+                    return match route.fail_mode {
+                        FailMode::Closed => {
+                            tracing::error!(error = %e, route = %route.name, "metering unavailable; refusing (fail_mode = closed)");
+                            Err(GatewayError::MeteringUnavailable)
+                        }
+                        FailMode::Open => {
+                            tracing::warn!(error = %e, route = %route.name, account = %identity.account_id, "metering unavailable; forwarding unmetered (fail_mode = open)");
+                            self.state
+                                .metrics
+                                .unmetered
+                                .with_label_values(&[&route.name])
+                                .inc();
+                            ctx.outcome = "unmetered";
+                            Ok(())
+                        }
+                    };
+                }
+            }
+        }
+        Err(GatewayError::MeteringUnavailable)
+    }
+
+    async fn self_service(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> pingora::Result<bool> {
+        let identity = match auth::authenticate(&self.state, snap, session).await {
+            Ok((identity, _)) => identity,
+            Err(err) => return self.reject(session, ctx, err).await,
+        };
+        match selfservice::answer(&self.state, snap, session, &identity).await {
+            Ok((status, body)) => {
+                ctx.outcome = "self_service";
+                respond::json(session, status, &body, &ctx.request_id, &[]).await?;
+                Ok(true)
+            }
+            Err(err) => self.reject(session, ctx, err).await,
+        }
+    }
+
     async fn reject(
         &self,
         session: &mut Session,
@@ -89,6 +197,11 @@ impl ProxyHttp for Gateway {
             identity: None,
             credential_header: None,
             upstream_started: None,
+            charge: None,
+            refunded: false,
+            upstream_status: None,
+            max_body_bytes: None,
+            body_bytes: 0,
             outcome: "forwarded",
             counted_in_flight: false,
         }
@@ -105,6 +218,14 @@ impl ProxyHttp for Gateway {
         self.state.metrics.in_flight.inc();
         ctx.counted_in_flight = true;
 
+        if session
+            .req_header()
+            .uri
+            .path()
+            .starts_with(selfservice::PREFIX)
+        {
+            return self.self_service(session, ctx, &snap).await;
+        }
         let req = session.req_header();
         let Some(route) = snap.router.find(&req.method, req.uri.path()).cloned() else {
             let err = GatewayError::RouteNotFound {
@@ -115,17 +236,43 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(Arc::clone(&route));
         if route.public {
+            // Not consumed, but a tollgate key must never reach an upstream.
+            ctx.credential_header = auth::credential(session)
+                .filter(|(_, token)| crate::auth::keys::looks_like_key(token))
+                .map(|(header, _)| header.name());
             return Ok(false);
         }
 
-        match auth::authenticate(&self.state, &snap, session).await {
-            Ok((identity, header)) => {
-                ctx.credential_header = Some(header.name());
-                ctx.identity = Some(identity);
-            }
+        let (identity, header) = match auth::authenticate(&self.state, &snap, session).await {
+            Ok(found) => found,
             Err(err) => return self.reject(session, ctx, err).await,
+        };
+        ctx.credential_header = Some(header.name());
+        let result = self.meter(session, ctx, &snap, &route, &identity).await;
+        ctx.identity = Some(identity);
+        match result {
+            Ok(()) => Ok(false),
+            Err(err) => self.reject(session, ctx, err).await,
         }
-        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let (Some(limit), Some(chunk)) = (ctx.max_body_bytes, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > limit {
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::HTTPStatus(413),
+                    "request body over the tier's max_request_mb",
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -164,6 +311,29 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
+            let refund =
+                status >= 500 && settle::should_refund(route, Some(settle::Failure::Upstream5xx));
+            let charged = if refund {
+                crate::money::Credits::ZERO
+            } else {
+                charge.cost
+            };
+            upstream_response.insert_header("x-credits-charged", charged.to_string())?;
+            if let Some(remaining) = charge.remaining {
+                let remaining = if refund {
+                    remaining + charge.from_allowance + charge.from_purchased
+                } else {
+                    remaining
+                };
+                upstream_response.insert_header("x-credits-remaining", remaining.to_string())?;
+            }
+            if charge.low {
+                upstream_response.insert_header("x-credits-low", "true")?;
+            }
+        }
         Ok(())
     }
 
@@ -173,11 +343,64 @@ impl ProxyHttp for Gateway {
         e: &pingora::Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let err = upstream::classify(e);
+        if e.etype() == &pingora::ErrorType::HTTPStatus(413) {
+            if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
+                if !ctx.refunded {
+                    // Our own refusal: the caller never got the service, whatever the policy.
+                    settle::refund(
+                        &self.state,
+                        route,
+                        charge,
+                        &ctx.request_id,
+                        settle::Failure::ConnectError,
+                    )
+                    .await;
+                    ctx.refunded = true;
+                }
+            }
+            let limit_mb = ctx.max_body_bytes.unwrap_or(0) / gate::BYTES_PER_MB;
+            let err = GatewayError::PayloadTooLarge { limit_mb };
+            ctx.outcome = err.code();
+            if session.response_written().is_none() {
+                if let Err(write_err) =
+                    respond::error_and_close(session, &err, &ctx.request_id).await
+                {
+                    tracing::debug!(error = %write_err, "could not send the error response");
+                }
+            }
+            return FailToProxy {
+                error_code: 413,
+                can_reuse_downstream: false,
+            };
+        }
+        let failure = if upstream::is_timeout(e) {
+            Some(settle::Failure::Timeout)
+        } else if upstream::is_connect_error(e) {
+            Some(settle::Failure::ConnectError)
+        } else {
+            None
+        };
+        let mut refunded = false;
+        if let (Some(charge), Some(route), Some(failure)) = (&ctx.charge, &ctx.route, failure) {
+            if settle::should_refund(route, Some(failure)) && !ctx.refunded {
+                refunded =
+                    settle::refund(&self.state, route, charge, &ctx.request_id, failure).await;
+                ctx.refunded = true;
+            }
+        }
+        let err = upstream::classify(e).map(|err| match err {
+            GatewayError::UpstreamTimeout { .. } => GatewayError::UpstreamTimeout { refunded },
+            GatewayError::UpstreamUnavailable { .. } => {
+                GatewayError::UpstreamUnavailable { refunded }
+            }
+            other => other,
+        });
         let code = match &err {
             Some(err) if session.response_written().is_none() => {
                 ctx.outcome = err.code();
-                if let Err(write_err) = respond::error(session, err, &ctx.request_id).await {
+                if let Err(write_err) =
+                    respond::error_and_close(session, err, &ctx.request_id).await
+                {
                     tracing::debug!(error = %write_err, "could not send the error response");
                 }
                 err.status()
@@ -198,6 +421,24 @@ impl ProxyHttp for Gateway {
     ) {
         if ctx.counted_in_flight {
             self.state.metrics.in_flight.dec();
+        }
+        if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
+            let upstream_5xx = ctx.upstream_status.is_some_and(|s| s >= 500);
+            if upstream_5xx
+                && !ctx.refunded
+                && settle::should_refund(route, Some(settle::Failure::Upstream5xx))
+            {
+                ctx.refunded = true;
+                settle::refund(
+                    &self.state,
+                    route,
+                    charge,
+                    &ctx.request_id,
+                    settle::Failure::Upstream5xx,
+                )
+                .await;
+            }
+            settle::release(&self.state, charge, &ctx.request_id).await;
         }
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         if let Some(started) = ctx.upstream_started {

@@ -47,3 +47,14 @@ pub async fn error(
     )
     .await
 }
+
+/// An error after which the connection is not reused (failed proxying): say so in the
+/// response (`Connection: close`) rather than close a connection advertised as keep-alive.
+pub async fn error_and_close(
+    session: &mut Session,
+    err: &GatewayError,
+    request_id: &str,
+) -> pingora::Result<()> {
+    session.set_keepalive(None);
+    error(session, err, request_id).await
+}

@@ -1,6 +1,6 @@
 //! The `accounts` table.
 
-use chrono::{DateTime, Months, Utc};
+use chrono::{DateTime, Datelike, Months, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -11,6 +11,8 @@ pub struct AccountRow {
     pub status: String,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
+    /// Day of month billing periods end on (clamped to short months).
+    pub anchor_day: i16,
     pub created_at: DateTime<Utc>,
 }
 
@@ -29,22 +31,23 @@ pub async fn create(
 ) -> Result<Option<AccountRow>, sqlx::Error> {
     let now = Utc::now();
     sqlx::query_as::<_, AccountRow>(
-        "INSERT INTO accounts (id, tier, status, period_start, period_end)
-         VALUES ($1, $2, 'active', $3, $4)
+        "INSERT INTO accounts (id, tier, status, period_start, period_end, anchor_day)
+         VALUES ($1, $2, 'active', $3, $4, $5)
          ON CONFLICT (id) DO NOTHING
-         RETURNING id, tier, status, period_start, period_end, created_at",
+         RETURNING id, tier, status, period_start, period_end, anchor_day, created_at",
     )
     .bind(id)
     .bind(tier)
     .bind(now)
     .bind(period_end_after(now))
+    .bind(now.day() as i16)
     .fetch_optional(pool)
     .await
 }
 
 pub async fn get(pool: &PgPool, id: &str) -> Result<Option<AccountRow>, sqlx::Error> {
     sqlx::query_as::<_, AccountRow>(
-        "SELECT id, tier, status, period_start, period_end, created_at FROM accounts WHERE id = $1",
+        "SELECT id, tier, status, period_start, period_end, anchor_day, created_at FROM accounts WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
@@ -58,7 +61,7 @@ pub async fn set_tier(
 ) -> Result<Option<AccountRow>, sqlx::Error> {
     sqlx::query_as::<_, AccountRow>(
         "UPDATE accounts SET tier = $2, updated_at = now() WHERE id = $1
-         RETURNING id, tier, status, period_start, period_end, created_at",
+         RETURNING id, tier, status, period_start, period_end, anchor_day, created_at",
     )
     .bind(id)
     .bind(tier)

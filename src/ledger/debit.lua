@@ -1,0 +1,80 @@
+-- debit: the hot path, one call per metered request, atomic on one hash slot.
+-- KEYS: 1 account hash, 2 shard usage stream, 3 account lease zset
+-- ARGV: 1 account id, 2 expected tier, 3 monthly credits (µc, -1 = unlimited), 4 cost (µc),
+--       5 now (unix ms), 6 request id, 7 route, 8 action,
+--       9 requests/hour, 10 requests/month, 11 action/hour, 12 action/month (0 = no limit),
+--       13 max concurrent (0 = no limit), 14 lease ttl (ms)
+-- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end}
+--        {1}                                 account not in Redis: hydrate and retry
+--        {2, allowance, purchased}           insufficient credits
+--        {3, quota_name, limit, retry_after_s}
+--        {4, limit}                          too many requests in flight
+--        {5, status}                         account not active
+--        {6, tier}                           tier differs from the caller's cached one
+local acct, stream, leases = KEYS[1], KEYS[2], KEYS[3]
+local account_id, tier = ARGV[1], ARGV[2]
+local monthly, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now_ms = tonumber(ARGV[5])
+local now_s = math.floor(now_ms / 1000)
+local req_id, route, action = ARGV[6], ARGV[7], ARGV[8]
+local per_hour, per_month = tonumber(ARGV[9]), tonumber(ARGV[10])
+local act_hour, act_month = tonumber(ARGV[11]), tonumber(ARGV[12])
+local max_conc, lease_ttl = tonumber(ARGV[13]), tonumber(ARGV[14])
+
+if redis.call('EXISTS', acct) == 0 then return {1} end
+local cur_tier = redis.call('HGET', acct, 'tier')
+if cur_tier ~= tier then return {6, cur_tier or ''} end
+local status = redis.call('HGET', acct, 'status') or 'active'
+if status ~= 'active' then return {5, status} end
+
+roll_period(acct, stream, account_id, monthly, now_s, now_ms, req_id)
+local period_end = tonumber(redis.call('HGET', acct, 'period_end'))
+
+-- Quotas: fixed windows, the hour on the clock and the billing period.
+local hour = math.floor(now_s / 3600)
+local until_hour = (hour + 1) * 3600 - now_s
+local req_h = 0
+if tonumber(redis.call('HGET', acct, 'req_h_idx') or '-1') == hour then
+  req_h = tonumber(redis.call('HGET', acct, 'req_h') or '0')
+end
+if per_hour > 0 and req_h >= per_hour then return {3, 'requests_per_hour', per_hour, until_hour} end
+local req_p = tonumber(redis.call('HGET', acct, 'req_p') or '0')
+if per_month > 0 and req_p >= per_month then return {3, 'requests_per_month', per_month, period_end - now_s} end
+local ak = 'a:' .. action
+local a_h = 0
+if tonumber(redis.call('HGET', acct, ak .. ':hidx') or '-1') == hour then
+  a_h = tonumber(redis.call('HGET', acct, ak .. ':h') or '0')
+end
+if act_hour > 0 and a_h >= act_hour then return {3, 'action_per_hour:' .. action, act_hour, until_hour} end
+local a_p = tonumber(redis.call('HGET', acct, ak .. ':p') or '0')
+if act_month > 0 and a_p >= act_month then return {3, 'action_per_month:' .. action, act_month, period_end - now_s} end
+
+-- Concurrency: leases that expire on their own, so a crashed instance cannot leak a slot.
+if max_conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
+  if redis.call('ZCARD', leases) >= max_conc then return {4, max_conc} end
+end
+
+-- Balance: allowance first, then purchased.
+local allowance = tonumber(redis.call('HGET', acct, 'allowance') or '0')
+local purchased = tonumber(redis.call('HGET', acct, 'purchased') or '0')
+local from_allow, from_purch = 0, 0
+if monthly >= 0 then
+  if allowance + purchased < cost then return {2, allowance, purchased} end
+  from_allow = math.min(math.max(allowance, 0), cost)
+  from_purch = cost - from_allow
+  if from_allow ~= 0 then allowance = redis.call('HINCRBY', acct, 'allowance', -from_allow) end
+  if from_purch ~= 0 then purchased = redis.call('HINCRBY', acct, 'purchased', -from_purch) end
+end
+
+redis.call('HSET', acct, 'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
+  ak .. ':h', a_h + 1, ak .. ':hidx', hour, ak .. ':p', a_p + 1)
+if max_conc > 0 then
+  redis.call('ZADD', leases, now_ms + lease_ttl, req_id)
+  redis.call('PEXPIRE', leases, lease_ttl)
+end
+redis.call('XADD', stream, '*',
+  'id', req_id .. ':debit', 'acct', account_id, 'kind', 'debit', 'amount', cost,
+  'd_allow', -from_allow, 'd_purch', -from_purch, 'allow', allowance, 'purch', purchased,
+  'route', route, 'action', action, 'req', req_id, 'tier', tier, 'ts', now_ms)
+return {0, from_allow, from_purch, allowance, purchased, period_end}

@@ -1,0 +1,394 @@
+//! The money path in Redis: live balances, quotas and leases per account, changed only by Lua
+//! scripts (one call = one hash slot = atomic), each change appended to the shard's usage
+//! stream in the same script. Scripts are called by SHA and reloaded on NOSCRIPT
+//! (`redis::Script`); a changed script has a new SHA, so old and new proxies coexist during a
+//! rolling deploy.
+
+pub mod hydrate;
+pub mod keys;
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use crate::money::Credits;
+pub use keys::AccountKeys;
+
+const PERIOD_LUA: &str = include_str!("period.lua");
+
+/// Why a ledger call failed (all map to "metering unavailable" on the request path).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected script reply: {0}")]
+    Reply(String),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("account {0:?} does not exist")]
+    NoSuchAccount(String),
+    #[error("account {account:?} has tier {tier:?}, which the config does not define")]
+    UnknownTier { account: String, tier: String },
+}
+
+/// One debit: what the proxy knows about the caller's plan and the price.
+#[derive(Debug, Clone)]
+pub struct DebitRequest<'a> {
+    pub account_id: &'a str,
+    pub tier: &'a str,
+    /// `None` = unlimited.
+    pub monthly: Option<Credits>,
+    pub cost: Credits,
+    pub now_ms: i64,
+    pub request_id: &'a str,
+    pub route: &'a str,
+    pub action: &'a str,
+    pub requests_per_hour: u64,
+    pub requests_per_month: u64,
+    pub action_per_hour: u64,
+    pub action_per_month: u64,
+    pub max_concurrent: u32,
+    pub lease_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DebitOutcome {
+    Charged {
+        from_allowance: Credits,
+        from_purchased: Credits,
+        allowance: Credits,
+        purchased: Credits,
+        period_end: i64,
+    },
+    /// Not in Redis: hydrate from Postgres and retry.
+    Missing,
+    Insufficient {
+        allowance: Credits,
+        purchased: Credits,
+    },
+    Quota {
+        name: String,
+        limit: u64,
+        retry_after_secs: u64,
+    },
+    Concurrency {
+        limit: u32,
+    },
+    Inactive {
+        status: String,
+    },
+    /// Redis holds another tier than the caller's cached identity (a tier change in flight).
+    TierMismatch {
+        tier: String,
+    },
+}
+
+/// One credit movement outside the hot path.
+#[derive(Debug, Clone)]
+pub struct CreditRequest<'a> {
+    pub account_id: &'a str,
+    /// Journal kind: grant, purchase, refund, adjustment, settle.
+    pub kind: &'a str,
+    pub to_allowance: Credits,
+    pub to_purchased: Credits,
+    /// Amount counted in usage stats (negative for a refund of a charge).
+    pub counted: Credits,
+    pub entry_id: &'a str,
+    /// The idempotency key: the same id never applies twice (within `mark_ttl`).
+    pub external_id: &'a str,
+    pub mark_ttl: Duration,
+    pub route: &'a str,
+    pub action: &'a str,
+    pub request_id: &'a str,
+    pub reason: &'a str,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditOutcome {
+    Applied {
+        allowance: Credits,
+        purchased: Credits,
+    },
+    Duplicate {
+        allowance: Credits,
+        purchased: Credits,
+    },
+    Missing,
+}
+
+/// Balances as the admin and self-service APIs show them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    pub tier: String,
+    pub status: String,
+    pub allowance: Credits,
+    pub purchased: Credits,
+    pub period_start: i64,
+    pub period_end: i64,
+}
+
+impl AccountState {
+    pub fn total(&self) -> Credits {
+        self.allowance + self.purchased
+    }
+}
+
+/// The scripts and the key layout of one deployment.
+pub struct Ledger {
+    pub prefix: String,
+    pub shards: u32,
+    pub timeout: Duration,
+    debit: Script,
+    credit: Script,
+    hydrate: Script,
+    set_tier: Script,
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn reply_err(reply: &[Value]) -> LedgerError {
+    LedgerError::Reply(format!("{reply:?}"))
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Ledger {
+    pub fn new(prefix: &str, shards: u32, timeout: Duration) -> Self {
+        let with_period = |body: &str| format!("{PERIOD_LUA}\n{body}");
+        Ledger {
+            prefix: prefix.to_string(),
+            shards,
+            timeout,
+            debit: Script::new(&with_period(include_str!("debit.lua"))),
+            credit: Script::new(include_str!("credit.lua")),
+            hydrate: Script::new(include_str!("hydrate.lua")),
+            set_tier: Script::new(include_str!("set_tier.lua")),
+        }
+    }
+
+    pub fn keys(&self, account_id: &str) -> AccountKeys {
+        AccountKeys::new(&self.prefix, self.shards, account_id)
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, LedgerError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(LedgerError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The hot path: one EVALSHA.
+    pub async fn debit(
+        &self,
+        conn: &mut ConnectionManager,
+        r: &DebitRequest<'_>,
+    ) -> Result<DebitOutcome, LedgerError> {
+        let k = self.keys(r.account_id);
+        let monthly = r.monthly.map_or(-1, Credits::micros);
+        let reply: Vec<Value> = self
+            .timed(
+                self.debit
+                    .key(&k.account)
+                    .key(&k.stream)
+                    .key(&k.leases)
+                    .arg(r.account_id)
+                    .arg(r.tier)
+                    .arg(monthly)
+                    .arg(r.cost.micros())
+                    .arg(r.now_ms)
+                    .arg(r.request_id)
+                    .arg(r.route)
+                    .arg(r.action)
+                    .arg(r.requests_per_hour)
+                    .arg(r.requests_per_month)
+                    .arg(r.action_per_hour)
+                    .arg(r.action_per_month)
+                    .arg(r.max_concurrent)
+                    .arg(r.lease_ttl_ms)
+                    .invoke_async(conn),
+            )
+            .await?;
+        let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));
+        let c = |i: usize| at(i).map(Credits::from_micros);
+        Ok(match at(0)? {
+            0 => DebitOutcome::Charged {
+                from_allowance: c(1)?,
+                from_purchased: c(2)?,
+                allowance: c(3)?,
+                purchased: c(4)?,
+                period_end: at(5)?,
+            },
+            1 => DebitOutcome::Missing,
+            2 => DebitOutcome::Insufficient {
+                allowance: c(1)?,
+                purchased: c(2)?,
+            },
+            3 => DebitOutcome::Quota {
+                name: reply.get(1).and_then(text).unwrap_or_default(),
+                limit: at(2)?.max(0) as u64,
+                retry_after_secs: at(3)?.max(1) as u64,
+            },
+            4 => DebitOutcome::Concurrency {
+                limit: at(1)?.max(0) as u32,
+            },
+            5 => DebitOutcome::Inactive {
+                status: reply.get(1).and_then(text).unwrap_or_default(),
+            },
+            6 => DebitOutcome::TierMismatch {
+                tier: reply.get(1).and_then(text).unwrap_or_default(),
+            },
+            _ => return Err(reply_err(&reply)),
+        })
+    }
+
+    /// Grants, purchases, refunds: idempotent on `external_id`.
+    pub async fn credit(
+        &self,
+        conn: &mut ConnectionManager,
+        r: &CreditRequest<'_>,
+    ) -> Result<CreditOutcome, LedgerError> {
+        let k = self.keys(r.account_id);
+        let reply: Vec<Value> = self
+            .timed(
+                self.credit
+                    .key(&k.account)
+                    .key(&k.stream)
+                    .key(k.seen(r.external_id))
+                    .arg(r.account_id)
+                    .arg(r.kind)
+                    .arg(r.to_allowance.micros())
+                    .arg(r.to_purchased.micros())
+                    .arg(r.now_ms)
+                    .arg(r.entry_id)
+                    .arg(r.mark_ttl.as_secs().max(1))
+                    .arg(r.route)
+                    .arg(r.action)
+                    .arg(r.request_id)
+                    .arg(r.reason)
+                    .arg(r.counted.micros())
+                    .invoke_async(conn),
+            )
+            .await?;
+        let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));
+        Ok(match at(0)? {
+            0 => CreditOutcome::Applied {
+                allowance: Credits::from_micros(at(1)?),
+                purchased: Credits::from_micros(at(2)?),
+            },
+            1 => CreditOutcome::Missing,
+            2 => CreditOutcome::Duplicate {
+                allowance: Credits::from_micros(at(1)?),
+                purchased: Credits::from_micros(at(2)?),
+            },
+            _ => return Err(reply_err(&reply)),
+        })
+    }
+
+    /// Changes the tier in Redis (allowance becomes the new tier's monthly credits). `false`
+    /// when the account is not in Redis (it will be hydrated with the new tier).
+    pub async fn set_tier(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+        tier: &str,
+        monthly: Option<Credits>,
+        entry_id: &str,
+    ) -> Result<bool, LedgerError> {
+        let k = self.keys(account_id);
+        let reply: Vec<Value> = self
+            .timed(
+                self.set_tier
+                    .key(&k.account)
+                    .key(&k.stream)
+                    .arg(account_id)
+                    .arg(tier)
+                    .arg(monthly.map_or(-1, Credits::micros))
+                    .arg(now_ms())
+                    .arg(entry_id)
+                    .invoke_async(conn),
+            )
+            .await?;
+        Ok(reply.first().and_then(int) == Some(0))
+    }
+
+    /// Reads an account's live state; `None` when it is not in Redis.
+    pub async fn state(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+    ) -> Result<Option<AccountState>, LedgerError> {
+        let k = self.keys(account_id);
+        let fields: Vec<Option<String>> = self
+            .timed(
+                redis::cmd("HMGET")
+                    .arg(&k.account)
+                    .arg(&[
+                        "tier",
+                        "status",
+                        "allowance",
+                        "purchased",
+                        "period_start",
+                        "period_end",
+                    ])
+                    .query_async(conn),
+            )
+            .await?;
+        let get = |i: usize| fields.get(i).cloned().flatten();
+        let Some(tier) = get(0) else {
+            return Ok(None);
+        };
+        let num = |i: usize| get(i).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+        Ok(Some(AccountState {
+            tier,
+            status: get(1).unwrap_or_else(|| "active".into()),
+            allowance: Credits::from_micros(num(2)),
+            purchased: Credits::from_micros(num(3)),
+            period_start: num(4),
+            period_end: num(5),
+        }))
+    }
+
+    /// Releases a concurrency lease (best effort: it expires on its own anyway).
+    pub async fn release_lease(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+        request_id: &str,
+    ) -> Result<(), LedgerError> {
+        let k = self.keys(account_id);
+        let _: i64 = self
+            .timed(
+                redis::cmd("ZREM")
+                    .arg(&k.leases)
+                    .arg(request_id)
+                    .query_async(conn),
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! Phase 4 — the debit: one script call that rolls the period, checks status, quotas,
+//! concurrency and balance, takes the price from allowance then purchased, and journals it.
+//! A missing account is hydrated once and the call retried.
+
+use std::time::Instant;
+
+use crate::auth::Identity;
+use crate::config::{MonthlyCredits, RouteConfig, TierConfig};
+use crate::error::GatewayError;
+use crate::ledger::{self, DebitOutcome, DebitRequest, LedgerError};
+use crate::money::Credits;
+use crate::state::{AppState, Snapshot};
+
+/// What was taken for this request; refunded or released when it ends.
+#[derive(Debug, Clone)]
+pub struct Charge {
+    pub account_id: String,
+    pub cost: Credits,
+    pub from_allowance: Credits,
+    pub from_purchased: Credits,
+    /// Balance after the debit (`None` for unlimited tiers).
+    pub remaining: Option<Credits>,
+    pub low: bool,
+    /// A concurrency lease is held under the request id.
+    pub lease: bool,
+}
+
+/// The debit's verdict.
+pub enum Debit {
+    Charged(Charge),
+    /// Redis holds another tier: gate again with it.
+    TierChanged(String),
+}
+
+fn monthly(tier: &TierConfig) -> Option<Credits> {
+    match tier.raw.monthly_credits {
+        MonthlyCredits::Limited(c) => Some(c),
+        MonthlyCredits::Unlimited => None,
+    }
+}
+
+pub async fn debit(
+    state: &AppState,
+    snap: &Snapshot,
+    route: &RouteConfig,
+    identity: &Identity,
+    tier: &TierConfig,
+    cost: Credits,
+    request_id: &str,
+) -> Result<Debit, DebitError> {
+    let t = &tier.raw;
+    let quota = t.action_quotas.get(&route.action);
+    let request = DebitRequest {
+        account_id: &identity.account_id,
+        tier: &tier.name,
+        monthly: monthly(tier),
+        cost,
+        now_ms: ledger::now_ms(),
+        request_id,
+        route: &route.name,
+        action: &route.action,
+        requests_per_hour: t.requests_per_hour.unwrap_or(0),
+        requests_per_month: t.requests_per_month.unwrap_or(0),
+        action_per_hour: quota.and_then(|q| q.per_hour).unwrap_or(0),
+        action_per_month: quota.and_then(|q| q.per_month).unwrap_or(0),
+        max_concurrent: t.max_concurrent.unwrap_or(0),
+        lease_ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
+    };
+    let mut conn = state.redis.clone();
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let outcome = state.ledger.debit(&mut conn, &request).await;
+        state
+            .metrics
+            .redis_script_seconds
+            .with_label_values(&["debit"])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = outcome.map_err(|e| {
+            state
+                .metrics
+                .redis_errors
+                .with_label_values(&["debit"])
+                .inc();
+            DebitError::Unavailable(e)
+        })?;
+        let rejected = |err: GatewayError| Err(DebitError::Rejected(err));
+        match outcome {
+            DebitOutcome::Charged {
+                from_allowance,
+                from_purchased,
+                allowance,
+                purchased,
+                ..
+            } => {
+                state
+                    .metrics
+                    .credits_debited_micros
+                    .with_label_values(&[&route.name, &tier.name])
+                    .inc_by(cost.micros().max(0) as u64);
+                let remaining = request.monthly.map(|_| allowance + purchased);
+                let low = match (remaining, t.low_balance_credits) {
+                    (Some(r), Some(threshold)) => r < threshold,
+                    _ => false,
+                };
+                return Ok(Debit::Charged(Charge {
+                    account_id: identity.account_id.clone(),
+                    cost,
+                    from_allowance,
+                    from_purchased,
+                    remaining,
+                    low,
+                    lease: request.max_concurrent > 0,
+                }));
+            }
+            DebitOutcome::Missing if attempt == 0 => {
+                state.metrics.hydrations.inc();
+                match state
+                    .ledger
+                    .hydrate(&mut conn, &state.pg, &snap.config, &identity.account_id)
+                    .await
+                {
+                    Ok(_) => continue,
+                    Err(LedgerError::NoSuchAccount(_)) => {
+                        return rejected(GatewayError::InvalidCredentials)
+                    }
+                    Err(LedgerError::UnknownTier { tier, .. }) => {
+                        return rejected(GatewayError::AccountInactive {
+                            status: format!("on tier {tier:?}, which no longer exists"),
+                        })
+                    }
+                    Err(e) => return Err(DebitError::Unavailable(e)),
+                }
+            }
+            DebitOutcome::Missing => {
+                return Err(DebitError::Unavailable(LedgerError::Reply(
+                    "account still missing after hydration".into(),
+                )))
+            }
+            DebitOutcome::Insufficient {
+                allowance,
+                purchased,
+            } => {
+                state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&["insufficient_credits"])
+                    .inc();
+                return rejected(GatewayError::InsufficientCredits {
+                    remaining: allowance + purchased,
+                    required: cost,
+                    tier: tier.name.clone(),
+                });
+            }
+            DebitOutcome::Quota {
+                name,
+                limit,
+                retry_after_secs,
+            } => {
+                state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&["quota_exceeded"])
+                    .inc();
+                let window_secs = if name.contains("hour") {
+                    3600
+                } else {
+                    retry_after_secs.max(1)
+                };
+                return rejected(GatewayError::QuotaExceeded {
+                    quota: name,
+                    limit,
+                    window_secs,
+                    retry_after_secs,
+                });
+            }
+            DebitOutcome::Concurrency { limit } => {
+                state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&["max_concurrent"])
+                    .inc();
+                return rejected(GatewayError::ConcurrencyLimited { limit });
+            }
+            DebitOutcome::Inactive { status } => {
+                state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&["account_inactive"])
+                    .inc();
+                return rejected(GatewayError::AccountInactive { status });
+            }
+            DebitOutcome::TierMismatch { tier } => {
+                state
+                    .caches
+                    .apply(&format!("account:{}", identity.account_id));
+                return Ok(Debit::TierChanged(tier));
+            }
+        }
+    }
+    Err(DebitError::Unavailable(LedgerError::Reply(
+        "debit retries exhausted".into(),
+    )))
+}
+
+/// Why no charge was made.
+pub enum DebitError {
+    /// The plan refuses (402/403/429).
+    Rejected(GatewayError),
+    /// Redis (or hydration) failed: the route's fail mode decides.
+    Unavailable(LedgerError),
+}

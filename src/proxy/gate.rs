@@ -1,0 +1,144 @@
+//! Phase 3 — may this caller make this request at all, before any credit moves: account
+//! status, the tier's features (403 naming the cheapest tier that has the feature), the per-key
+//! burst rate (governor, per instance) and the body size (413).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use pingora::proxy::Session;
+
+use crate::auth::Identity;
+use crate::config::{Config, MonthlyCredits, RouteConfig, TierConfig};
+use crate::error::GatewayError;
+
+/// One keyed limiter per tier that sets `rate_per_second` (keys: API key id, or the account
+/// for JWT callers).
+pub struct RateLimiters {
+    by_tier: HashMap<String, DefaultKeyedRateLimiter<String>>,
+    clock: DefaultClock,
+}
+
+impl RateLimiters {
+    pub fn new(config: &Config) -> Self {
+        let by_tier = config
+            .tiers
+            .iter()
+            .filter_map(|(name, t)| {
+                let rate = NonZeroU32::new(t.raw.rate_per_second?)?;
+                Some((name.clone(), RateLimiter::keyed(Quota::per_second(rate))))
+            })
+            .collect();
+        RateLimiters {
+            by_tier,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    fn check(&self, tier: &str, key: &str) -> Result<(), GatewayError> {
+        let Some(limiter) = self.by_tier.get(tier) else {
+            return Ok(());
+        };
+        match limiter.check_key(&key.to_string()) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err(GatewayError::RateLimited {
+                    retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                    limit: 0,
+                    window_secs: 1,
+                })
+            }
+        }
+    }
+
+    /// Forgets idle keys so the limiter's memory stays bounded.
+    pub fn shrink(&self) {
+        for limiter in self.by_tier.values() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// The cheapest tier (by monthly list price, then monthly credits) listing `feature`.
+pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
+    config
+        .tiers
+        .values()
+        .filter(|t| t.raw.features.iter().any(|f| f == feature))
+        .min_by_key(|t| {
+            let credits = match t.raw.monthly_credits {
+                MonthlyCredits::Limited(c) => c.micros(),
+                MonthlyCredits::Unlimited => i64::MAX,
+            };
+            (
+                t.raw.price_cents_monthly.unwrap_or(0),
+                credits,
+                t.name.clone(),
+            )
+        })
+        .map(|t| t.name.clone())
+}
+
+/// "MB" in limits and prices means MiB, as in nginx's client_max_body_size.
+pub const BYTES_PER_MB: u64 = 1_048_576;
+
+/// Runs every gate; the first that refuses answers.
+pub fn check(
+    config: &Config,
+    limiters: &RateLimiters,
+    route: &RouteConfig,
+    identity: &Identity,
+    tier: &TierConfig,
+    session: &Session,
+) -> Result<(), GatewayError> {
+    if identity.status != "active" {
+        return Err(GatewayError::AccountInactive {
+            status: identity.status.clone(),
+        });
+    }
+    if let Some(feature) = &route.feature {
+        if !tier.raw.features.iter().any(|f| f == feature) {
+            return Err(GatewayError::FeatureNotInTier {
+                feature: feature.clone(),
+                tier: tier.name.clone(),
+                required_tier: cheapest_tier_with(config, feature),
+            });
+        }
+    }
+    let rate_key = identity.key_id.as_deref().unwrap_or(&identity.account_id);
+    limiters.check(&tier.name, rate_key).map_err(|e| match e {
+        GatewayError::RateLimited {
+            retry_after_secs,
+            window_secs,
+            ..
+        } => GatewayError::RateLimited {
+            retry_after_secs,
+            limit: u64::from(tier.raw.rate_per_second.unwrap_or(0)),
+            window_secs,
+        },
+        other => other,
+    })?;
+    if let Some(limit_mb) = tier.raw.max_request_mb {
+        if let Some(len) = content_length(session) {
+            if len > limit_mb.saturating_mul(BYTES_PER_MB) {
+                return Err(GatewayError::PayloadTooLarge { limit_mb });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn content_length(session: &Session) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
