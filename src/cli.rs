@@ -39,6 +39,31 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The journal: audit live balances against it, or restore them from it.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Compare every account's live Redis balance with its journal (plus unflushed entries);
+    /// exits non-zero and lists the accounts that drift.
+    Audit {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Set live Redis balances to what the journal says (all accounts, or one).
+    Rebuild {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        account: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -90,6 +115,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ledger { command } => {
+            let (config, account, rebuild) = match command {
+                LedgerCommand::Audit { config, account } => (config, account, false),
+                LedgerCommand::Rebuild { config, account } => (config, account, true),
+            };
+            let cfg = Config::load(&config)?;
+            runtime(2)?.block_on(ledger_command(cfg, account, rebuild))
+        }
         Command::Serve { config, no_migrate } => {
             let cfg = Config::load(&config)?;
             let threads = cfg.server.threads;
@@ -102,4 +135,72 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn ledger_command(
+    cfg: Config,
+    account: Option<String>,
+    rebuild: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::journal::audit::Auditor;
+    let pg = crate::server::connect_postgres(&cfg, false).await?;
+    let (_, redis) = crate::server::connect_redis(&cfg.redis).await?;
+    let ledger = crate::ledger::Ledger::new(
+        &cfg.redis.key_prefix,
+        cfg.redis.shards,
+        std::time::Duration::from_secs(5),
+    );
+    let mut auditor = Auditor::new(&ledger, &pg, redis);
+    let accounts = auditor.accounts(account.as_deref()).await?;
+    let (mut drifting, mut unflushed, mut not_loaded) = (0usize, 0usize, 0usize);
+    for id in &accounts {
+        if rebuild {
+            match auditor.rebuild(id).await? {
+                Some(row) => {
+                    let (a, p) = row.expected();
+                    if row.drifts() {
+                        println!(
+                            "{id}: restored allowance {a} purchased {p} (was {} / {})",
+                            row.redis.map_or(String::new(), |r| r.0.to_string()),
+                            row.redis.map_or(String::new(), |r| r.1.to_string())
+                        );
+                        drifting += 1;
+                    }
+                }
+                None => not_loaded += 1,
+            }
+            continue;
+        }
+        let row = auditor.audit(id).await?;
+        unflushed += row.unflushed;
+        match row.redis {
+            None => not_loaded += 1,
+            Some((a, p)) if row.drifts() => {
+                drifting += 1;
+                let (ea, ep) = row.expected();
+                println!(
+                    "DRIFT {id}: redis allowance {a} purchased {p}; journal allowance {ea} purchased {ep} ({} unflushed entries); difference {}",
+                    row.unflushed,
+                    (a + p) - (ea + ep)
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    if rebuild {
+        println!(
+            "rebuild: {} accounts, {drifting} restored, {not_loaded} not loaded in Redis",
+            accounts.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "audit: {} accounts, {drifting} drifting, {not_loaded} not loaded in Redis, {unflushed} journal entries not yet flushed",
+        accounts.len()
+    );
+    Ok(if drifting > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

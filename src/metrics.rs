@@ -2,8 +2,8 @@
 //! with the conventional `_total` / `_seconds` suffixes.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,6 +28,14 @@ pub struct Metrics {
     pub unmetered: IntCounterVec,
     /// Requests currently being proxied.
     pub in_flight: IntGauge,
+    /// Journal entries written to Postgres (by this process).
+    pub journal_flushed: IntCounter,
+    /// Time to write and acknowledge one journal batch.
+    pub journal_batch_seconds: Histogram,
+    /// Entries waiting in the shard streams (the flush lag), sampled.
+    pub journal_backlog: IntGauge,
+    /// Flusher failures by cause (postgres, redis, bad_entry).
+    pub journal_errors: IntCounterVec,
 }
 
 fn counter(
@@ -73,7 +81,36 @@ impl Metrics {
             "Requests currently being proxied",
         )?;
         r.register(Box::new(in_flight.clone()))?;
+        let journal_flushed = IntCounter::new(
+            "tollgate_journal_entries_flushed_total",
+            "Journal entries written to Postgres",
+        )?;
+        r.register(Box::new(journal_flushed.clone()))?;
+        let journal_batch_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_journal_batch_duration_seconds",
+                "Time to write and acknowledge one journal batch",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        r.register(Box::new(journal_batch_seconds.clone()))?;
+        let journal_backlog = IntGauge::new(
+            "tollgate_journal_backlog",
+            "Journal entries waiting in Redis streams (flush lag)",
+        )?;
+        r.register(Box::new(journal_backlog.clone()))?;
         Ok(Metrics {
+            journal_errors: counter(
+                &r,
+                "tollgate_journal_flush_errors_total",
+                "Journal flusher failures by cause",
+                &["cause"],
+            )?,
+            journal_flushed,
+            journal_batch_seconds,
+            journal_backlog,
             requests: counter(
                 &r,
                 "tollgate_requests_total",

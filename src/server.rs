@@ -121,7 +121,7 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
             config.redis.shards,
             Duration::from_millis(config.redis.timeout_ms),
         ),
-        metrics: Metrics::new()?,
+        metrics: Arc::new(Metrics::new()?),
     });
 
     let proxy_listener = bind("the proxy", config.server.listen).await?;
@@ -141,6 +141,22 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         Arc::clone(&state.caches),
         stop.clone(),
     ));
+
+    // The flusher has its own Redis connection: its batch reads never queue behind, or in
+    // front of, the hot path's debits. It stops last, after the connections drained, so the
+    // entries of the final requests reach Postgres before exit.
+    let journal_stop = CancellationToken::new();
+    let (_, flusher_redis) = connect_redis(&config.redis).await?;
+    let flusher = crate::journal::flusher::Flusher {
+        redis: flusher_redis,
+        pg: state.pg.clone(),
+        prefix: config.redis.key_prefix.clone(),
+        shards: config.redis.shards,
+        consumer: crate::journal::flusher::Flusher::consumer_name(),
+        claim_idle: Duration::from_secs(config.journal.claim_idle_seconds),
+        metrics: Arc::clone(&state.metrics),
+    };
+    let flusher_task = tokio::spawn(flusher.run(journal_stop.clone()));
 
     let admin_app = crate::admin::router(Arc::clone(&state));
     let admin_stop = stop.clone();
@@ -218,6 +234,13 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
             remaining = connections.len(),
             "shutdown grace period over; closing the remaining connections"
         );
+    }
+    journal_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), flusher_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the journal flusher did not finish in 10 s; unflushed entries stay in Redis for the next start");
     }
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;

@@ -40,7 +40,7 @@ pub struct AppState {
     pub redis: redis::aio::ConnectionManager,
     pub caches: Arc<AuthCaches>,
     pub ledger: Ledger,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {

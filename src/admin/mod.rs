@@ -7,6 +7,7 @@ pub mod extract;
 pub mod grants;
 pub mod health;
 pub mod keys;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/accounts/{id}/tier", put(accounts::set_tier))
         .route("/v1/accounts/{id}/grants", post(grants::create))
         .route("/v1/accounts/{id}/keys", post(keys::create))
+        .route("/v1/accounts/{id}/usage", get(usage::get_usage))
+        .route("/v1/accounts/{id}/ledger", get(usage::get_ledger))
         .route("/v1/keys/{key_id}", delete(keys::revoke))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -42,6 +42,7 @@ pub struct Config {
     /// Admin bearer token; `None` when its environment variable is unset (serve refuses).
     pub admin_token: Option<String>,
     pub admin_token_env: String,
+    pub journal: raw::Journal,
     pub auth: AuthConfig,
     pub stripe: Option<StripeConfig>,
     pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,

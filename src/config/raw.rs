@@ -16,6 +16,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: Admin,
     #[serde(default)]
+    pub journal: Journal,
+    #[serde(default)]
     pub auth: Auth,
     #[serde(default)]
     pub stripe: Option<Stripe>,
@@ -92,6 +94,28 @@ pub struct Postgres {
 }
 
 fn default_pg_max() -> u32 {
+    10
+}
+
+/// The usage flusher (Redis streams → Postgres journal).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    /// Entries another (dead) instance read but never acknowledged are taken over after
+    /// being idle this long.
+    #[serde(default = "default_claim_idle")]
+    pub claim_idle_seconds: u64,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            claim_idle_seconds: default_claim_idle(),
+        }
+    }
+}
+
+fn default_claim_idle() -> u64 {
     10
 }
 

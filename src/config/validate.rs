@@ -189,6 +189,10 @@ pub(super) fn validate(
         }
     }
 
+    if !(1..=3600).contains(&raw.journal.claim_idle_seconds) {
+        p.add("journal.claim_idle_seconds", "must be between 1 and 3600");
+    }
+
     // [auth]
     if !(1..=3600).contains(&raw.auth.key_cache_ttl_seconds) {
         p.add("auth.key_cache_ttl_seconds", "must be between 1 and 3600");
@@ -561,6 +565,7 @@ pub(super) fn validate(
         },
         admin_token,
         admin_token_env: raw.admin.token_env.clone(),
+        journal: raw.journal.clone(),
         auth: AuthConfig {
             key_cache_ttl: Duration::from_secs(raw.auth.key_cache_ttl_seconds),
             jwt,

@@ -28,10 +28,32 @@ pub async fn answer(
     }
     match path {
         "/_tollgate/v1/balance" => balance(state, snap, identity).await.map(|b| (200, b)),
+        "/_tollgate/v1/usage" => usage(state, identity, req.uri.query()).await,
         _ => Err(GatewayError::RouteNotFound {
             method: req.method.to_string(),
             path: path.to_string(),
         }),
+    }
+}
+
+async fn usage(
+    state: &AppState,
+    identity: &Identity,
+    query: Option<&str>,
+) -> Result<(u16, serde_json::Value), GatewayError> {
+    let q: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    match crate::admin::usage::account_usage(state, &identity.account_id, &q).await {
+        Ok(body) => Ok((200, body)),
+        Err(crate::admin::error::AdminError::BadRequest(message)) => {
+            Ok((400, json!({"error": "invalid_request", "message": message})))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "usage lookup failed");
+            Err(GatewayError::MeteringUnavailable)
+        }
     }
 }
 

@@ -1,0 +1,190 @@
+//! `tollgate ledger audit` and `ledger rebuild`: the invariant "balance = sum of journal
+//! entries", checked and restored.
+//!
+//! For an account, the journal's view is the sum of its `ledger_entries` plus the entries
+//! still waiting in the shard stream (not yet flushed). The Redis buckets and the stream are
+//! read in one atomic script; the Postgres sums and the "already flushed?" check in one
+//! statement, so the flusher running meanwhile never makes an entry count twice.
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use sqlx::PgPool;
+
+use crate::ledger::{Ledger, LedgerError};
+use crate::money::Credits;
+
+/// One account's audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub account_id: String,
+    /// `None`: the account is not loaded in Redis (nothing to compare).
+    pub redis: Option<(Credits, Credits)>,
+    pub journal: (Credits, Credits),
+    /// Entries in the stream not yet in Postgres, and their effect.
+    pub unflushed: usize,
+    pub unflushed_sum: (Credits, Credits),
+}
+
+impl AuditRow {
+    pub fn expected(&self) -> (Credits, Credits) {
+        (
+            self.journal.0 + self.unflushed_sum.0,
+            self.journal.1 + self.unflushed_sum.1,
+        )
+    }
+
+    pub fn drifts(&self) -> bool {
+        self.redis.is_some_and(|r| r != self.expected())
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        _ => String::new(),
+    }
+}
+
+pub struct Auditor<'a> {
+    pub ledger: &'a Ledger,
+    pub pg: &'a PgPool,
+    pub redis: ConnectionManager,
+    snapshot: Script,
+    restore: Script,
+}
+
+impl<'a> Auditor<'a> {
+    pub fn new(ledger: &'a Ledger, pg: &'a PgPool, redis: ConnectionManager) -> Self {
+        Auditor {
+            ledger,
+            pg,
+            redis,
+            snapshot: Script::new(include_str!("../ledger/snapshot.lua")),
+            restore: Script::new(include_str!("../ledger/restore.lua")),
+        }
+    }
+
+    /// Accounts to look at: one, or all in Postgres.
+    pub async fn accounts(&self, only: Option<&str>) -> Result<Vec<String>, sqlx::Error> {
+        match only {
+            Some(id) => Ok(vec![id.to_string()]),
+            None => {
+                sqlx::query_scalar("SELECT id FROM accounts ORDER BY id")
+                    .fetch_all(self.pg)
+                    .await
+            }
+        }
+    }
+
+    /// One consistent comparison for an account.
+    pub async fn check(&mut self, account_id: &str) -> Result<AuditRow, LedgerError> {
+        let k = self.ledger.keys(account_id);
+        let reply: Vec<Value> = self
+            .snapshot
+            .key(&k.account)
+            .key(&k.stream)
+            .arg(account_id)
+            .invoke_async(&mut self.redis)
+            .await?;
+        let exists = reply.first().map(int) == Some(1);
+        let allowance = reply.get(1).map_or(0, int);
+        let purchased = reply.get(2).map_or(0, int);
+        let mut pending: Vec<(String, i64, i64)> = Vec::new();
+        if let Some(Value::Array(items)) = reply.get(3) {
+            for chunk in items.chunks(3) {
+                if let [id, a, p] = chunk {
+                    pending.push((text(id), int(a), int(p)));
+                }
+            }
+        }
+        let ids: Vec<String> = pending.iter().map(|(id, _, _)| id.clone()).collect();
+        let (sum_a, sum_p, flushed): (i64, i64, Vec<String>) = sqlx::query_as(
+            "SELECT COALESCE(sum(d_allowance), 0)::BIGINT, COALESCE(sum(d_purchased), 0)::BIGINT,
+                    COALESCE(array_agg(entry_id) FILTER (WHERE entry_id = ANY($2)), '{}')
+               FROM ledger_entries WHERE account_id = $1",
+        )
+        .bind(account_id)
+        .bind(&ids)
+        .fetch_one(self.pg)
+        .await?;
+        let mut unflushed = 0;
+        let (mut ua, mut up) = (0i64, 0i64);
+        for (id, a, p) in &pending {
+            if !flushed.contains(id) {
+                unflushed += 1;
+                ua += a;
+                up += p;
+            }
+        }
+        Ok(AuditRow {
+            account_id: account_id.to_string(),
+            redis: exists.then(|| {
+                (
+                    Credits::from_micros(allowance),
+                    Credits::from_micros(purchased),
+                )
+            }),
+            journal: (Credits::from_micros(sum_a), Credits::from_micros(sum_p)),
+            unflushed,
+            unflushed_sum: (Credits::from_micros(ua), Credits::from_micros(up)),
+        })
+    }
+
+    /// Checks an account, retrying a few times when it appears to drift (live traffic can
+    /// move the balance between the Redis and the Postgres reads).
+    pub async fn audit(&mut self, account_id: &str) -> Result<AuditRow, LedgerError> {
+        let mut row = self.check(account_id).await?;
+        for _ in 0..3 {
+            if !row.drifts() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            row = self.check(account_id).await?;
+        }
+        Ok(row)
+    }
+
+    /// Sets the Redis buckets to the journal's view (journal + unflushed stream entries).
+    /// Returns the row it restored from; `None` when the account is not in Redis (the next
+    /// request hydrates it from the journal anyway).
+    pub async fn rebuild(&mut self, account_id: &str) -> Result<Option<AuditRow>, LedgerError> {
+        for _ in 0..20 {
+            let row = self.check(account_id).await?;
+            let Some((a, p)) = row.redis else {
+                return Ok(None);
+            };
+            let (ea, ep) = row.expected();
+            let k = self.ledger.keys(account_id);
+            let done: i64 = self
+                .restore
+                .key(&k.account)
+                .arg(a.micros())
+                .arg(p.micros())
+                .arg(ea.micros())
+                .arg(ep.micros())
+                .invoke_async(&mut self.redis)
+                .await?;
+            match done {
+                1 => return Ok(Some(row)),
+                -1 => return Ok(None),
+                _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        Err(LedgerError::Reply(format!(
+            "account {account_id:?} kept changing; rebuild it under less traffic"
+        )))
+    }
+}

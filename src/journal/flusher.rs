@@ -1,0 +1,349 @@
+//! The usage flusher: drains every shard stream into `ledger_entries`, exactly once.
+//!
+//! All proxy processes share one consumer group. A batch is read (XREADGROUP), written with one
+//! statement (`ON CONFLICT DO NOTHING`), and only then acknowledged and deleted from the
+//! stream (XACK + XDEL). If Postgres is down the batch stays in hand and is retried; nothing is
+//! acknowledged, so nothing can be lost. Entries a dead consumer left pending are claimed with
+//! XAUTOCLAIM once idle. A crash between commit and XACK only causes a re-delivery, which the
+//! entry id makes harmless.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::entry::JournalEntry;
+use crate::ledger::keys;
+use crate::metrics::Metrics;
+
+pub const GROUP: &str = "tollgate-journal";
+/// Entries per shard per read.
+const READ_COUNT: usize = 1000;
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+const CLAIM_EVERY: Duration = Duration::from_secs(5);
+const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+
+pub struct Flusher {
+    pub redis: ConnectionManager,
+    pub pg: PgPool,
+    pub prefix: String,
+    pub shards: u32,
+    pub consumer: String,
+    /// Pending entries idle this long belong to a dead consumer and are claimed.
+    pub claim_idle: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A read batch: entries to write, grouped by stream for the acknowledgement.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<JournalEntry>,
+    /// (stream, stream ids) to XACK + XDEL after the commit.
+    acks: Vec<(String, Vec<String>)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.acks.iter().all(|(_, ids)| ids.is_empty())
+    }
+}
+
+fn streams(prefix: &str, shards: u32) -> Vec<String> {
+    (0..shards).map(|s| keys::stream(prefix, s)).collect()
+}
+
+impl Flusher {
+    /// A consumer name unique to this process.
+    pub fn consumer_name() -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".into());
+        format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    }
+
+    /// Creates the consumer group on every shard stream (idempotent).
+    pub async fn ensure_groups(&mut self) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for stream in streams(&self.prefix, self.shards) {
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .ignore();
+        }
+        // BUSYGROUP (already exists) errors are expected; run them one by one to tell them apart.
+        match pipe.query_async::<()>(&mut self.redis).await {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                for stream in streams(&self.prefix, self.shards) {
+                    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg("0")
+                        .arg("MKSTREAM")
+                        .query_async(&mut self.redis)
+                        .await;
+                    if let Err(e) = r {
+                        if e.code() != Some("BUSYGROUP") {
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads up to READ_COUNT entries per shard. `pending = true` re-reads this consumer's own
+    /// unacknowledged entries (after a failed write or a restart under the same name).
+    async fn read(&mut self, pending: bool) -> redis::RedisResult<Batch> {
+        let all = streams(&self.prefix, self.shards);
+        let mut pipe = redis::pipe();
+        for stream in &all {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(if pending { "0" } else { ">" });
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.redis).await?;
+        let mut batch = Batch::default();
+        for (stream, reply) in all.iter().zip(replies) {
+            // [[stream, [[id, fields], ...]]]
+            let Value::Array(per_stream) = reply else {
+                continue;
+            };
+            for s in per_stream {
+                let Value::Array(parts) = s else { continue };
+                if let Some(Value::Array(items)) = parts.get(1) {
+                    self.collect(stream, items, &mut batch).await;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Claims entries other (dead) consumers left pending.
+    async fn claim(&mut self) -> redis::RedisResult<Batch> {
+        let mut batch = Batch::default();
+        for stream in streams(&self.prefix, self.shards) {
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(self.claim_idle.as_millis() as u64)
+                .arg("0")
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .query_async(&mut self.redis)
+                .await?;
+            if let Value::Array(parts) = reply {
+                if let Some(Value::Array(items)) = parts.get(1) {
+                    self.collect(&stream, items, &mut batch).await;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn collect(&mut self, stream: &str, items: &[Value], batch: &mut Batch) {
+        let mut ids = Vec::new();
+        for item in items {
+            match JournalEntry::from_stream(item) {
+                Ok(entry) => {
+                    ids.push(entry.stream_id.clone());
+                    batch.entries.push(entry);
+                }
+                Err(bad) => {
+                    // Never block the stream on one bad entry, never drop it either: park it.
+                    tracing::error!(error = %bad, stream, "journal entry cannot be parsed; moved to the dead-letter stream");
+                    self.metrics
+                        .journal_errors
+                        .with_label_values(&["bad_entry"])
+                        .inc();
+                    let dead = format!("{stream}:dead");
+                    let raw = format!("{item:?}");
+                    let _: redis::RedisResult<String> = redis::cmd("XADD")
+                        .arg(&dead)
+                        .arg("*")
+                        .arg("raw")
+                        .arg(raw)
+                        .query_async(&mut self.redis)
+                        .await;
+                    ids.push(bad.stream_id);
+                }
+            }
+        }
+        if !ids.is_empty() {
+            batch.acks.push((stream.to_string(), ids));
+        }
+    }
+
+    /// Writes a batch and acknowledges it. On failure nothing is acknowledged.
+    async fn flush(&mut self, batch: &Batch) -> Result<(), FlushError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let inserted = super::write::insert_batch(&self.pg, &batch.entries).await?;
+        let mut pipe = redis::pipe();
+        for (stream, ids) in &batch.acks {
+            pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
+            pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis).await?;
+        self.metrics
+            .journal_batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .journal_flushed
+            .inc_by(batch.entries.len() as u64);
+        tracing::debug!(
+            entries = batch.entries.len(),
+            inserted,
+            "journal batch flushed"
+        );
+        Ok(())
+    }
+
+    async fn sample_backlog(&mut self) {
+        let mut pipe = redis::pipe();
+        for stream in streams(&self.prefix, self.shards) {
+            pipe.cmd("XLEN").arg(stream);
+        }
+        if let Ok(lens) = pipe.query_async::<Vec<i64>>(&mut self.redis).await {
+            self.metrics.journal_backlog.set(lens.iter().sum());
+        }
+    }
+
+    /// Runs until `stop`, then makes a last attempt to flush what it holds.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        // First the group, then our own pending entries (a restart under the same name).
+        loop {
+            match self.ensure_groups().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal: cannot create consumer groups yet");
+                    if sleep_or_stop(&stop, Duration::from_secs(1)).await {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut in_hand: Option<Batch> = None;
+        let mut read_pending = true;
+        let mut last_claim = Instant::now() - CLAIM_EVERY;
+        let mut last_backlog = Instant::now() - BACKLOG_EVERY;
+        loop {
+            let stopping = stop.is_cancelled();
+            if last_backlog.elapsed() >= BACKLOG_EVERY {
+                self.sample_backlog().await;
+                last_backlog = Instant::now();
+            }
+            let batch = match in_hand.take() {
+                Some(b) => Ok(b),
+                None if last_claim.elapsed() >= CLAIM_EVERY && !stopping => {
+                    last_claim = Instant::now();
+                    self.claim().await
+                }
+                None => self.read(read_pending).await,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal: reading the streams failed");
+                    self.metrics
+                        .journal_errors
+                        .with_label_values(&["redis"])
+                        .inc();
+                    if stopping || sleep_or_stop(&stop, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let was_pending_read = read_pending;
+            read_pending = false;
+            let full = batch.entries.len() >= READ_COUNT;
+            match self.flush(&batch).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, entries = batch.entries.len(), "journal: flush failed; will retry (entries stay in Redis)");
+                    self.metrics
+                        .journal_errors
+                        .with_label_values(&[e.label()])
+                        .inc();
+                    if stopping {
+                        return;
+                    }
+                    in_hand = Some(batch);
+                    if sleep_or_stop(&stop, backoff).await {
+                        // Last chance on shutdown: one more try.
+                        if let Some(b) = in_hand.take() {
+                            let _ = self.flush(&b).await;
+                        }
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            if batch.is_empty() && !was_pending_read {
+                if stopping {
+                    return;
+                }
+                // Nothing new: wait a little (or until stop, then drain once more).
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(IDLE_WAIT) => {}
+                }
+            } else if !full && stopping {
+                // Drained what there was at shutdown.
+                let last = self.read(false).await;
+                if let Ok(b) = last {
+                    let _ = self.flush(&b).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// `true` when stopped during the sleep.
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl FlushError {
+    fn label(&self) -> &'static str {
+        match self {
+            FlushError::Postgres(_) => "postgres",
+            FlushError::Redis(_) => "redis",
+        }
+    }
+}
