@@ -39,6 +39,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Start everything on the local Redis and Postgres with a bundled demo upstream, a demo
+    /// account and key, and print curl commands to try.
+    Demo,
     /// The journal: audit live balances against it, or restore them from it.
     Ledger {
         #[command(subcommand)]
@@ -113,6 +116,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::Ok(())
             })?;
             println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            runtime(0)?.block_on(crate::demo::run())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { command } => {
