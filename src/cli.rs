@@ -151,7 +151,9 @@ async fn ledger_command(
 ) -> anyhow::Result<ExitCode> {
     use crate::journal::audit::Auditor;
     let pg = crate::server::connect_postgres(&cfg, false).await?;
-    let (_, redis) = crate::server::connect_redis(&cfg.redis).await?;
+    let (_, redis) =
+        crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
+            .await?;
     let ledger = crate::ledger::Ledger::new(
         &cfg.redis.key_prefix,
         cfg.redis.shards,

@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod stripe;
 pub mod telemetry;

@@ -49,6 +49,15 @@ pub struct ServeOptions {
 pub async fn connect_redis(
     cfg: &crate::config::raw::Redis,
 ) -> Result<(redis::Client, redis::aio::ConnectionManager), StartError> {
+    connect_redis_with_timeout(cfg, Duration::from_millis(cfg.timeout_ms)).await
+}
+
+/// Like [`connect_redis`], with another response timeout (the flusher's batch reads and the
+/// CLI's audits are not on the hot path and may take longer than `redis.timeout_ms`).
+pub async fn connect_redis_with_timeout(
+    cfg: &crate::config::raw::Redis,
+    timeout: Duration,
+) -> Result<(redis::Client, redis::aio::ConnectionManager), StartError> {
     let fail = |reason: String| StartError::Redis {
         url: redact(&cfg.url),
         reason,
@@ -63,7 +72,6 @@ pub async fn connect_redis(
         Ok(Err(e)) => return Err(fail(e.to_string())),
         Err(_) => return Err(fail("timed out after 5 s".into())),
     }
-    let timeout = Duration::from_millis(cfg.timeout_ms);
     let manager_config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(timeout))
         .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -124,6 +132,23 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         metrics: Arc::new(Metrics::new()?),
     });
 
+    // Debit deadlines are set in Redis's clock; keep the offset to ours fresh.
+    {
+        let mut conn = state.redis.clone();
+        if let Err(e) = state.ledger.sync_clock(&mut conn).await {
+            tracing::warn!(error = %e, "cannot read Redis's clock; debits run without a deadline until it can");
+        }
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let mut conn = state.redis.clone();
+                let _ = state.ledger.sync_clock(&mut conn).await;
+            }
+        });
+    }
+
     let proxy_listener = bind("the proxy", config.server.listen).await?;
     let admin_listener = bind("the admin API", config.server.admin_listen).await?;
     let metrics_listener = bind("metrics", config.server.metrics_listen).await?;
@@ -146,7 +171,8 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     // front of, the hot path's debits. It stops last, after the connections drained, so the
     // entries of the final requests reach Postgres before exit.
     let journal_stop = CancellationToken::new();
-    let (_, flusher_redis) = connect_redis(&config.redis).await?;
+    let (_, flusher_redis) =
+        connect_redis_with_timeout(&config.redis, Duration::from_secs(10)).await?;
     let flusher = crate::journal::flusher::Flusher {
         redis: flusher_redis,
         pg: state.pg.clone(),
@@ -155,6 +181,7 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         consumer: crate::journal::flusher::Flusher::consumer_name(),
         claim_idle: Duration::from_secs(config.journal.claim_idle_seconds),
         metrics: Arc::clone(&state.metrics),
+        on_flushed: crate::stripe::alerts::start(Arc::clone(&state), &background),
     };
     let flusher_task = tokio::spawn(flusher.run(journal_stop.clone()));
 

@@ -81,7 +81,12 @@ pub async fn live_state(
         return Ok(Some(live));
     }
     match state.ledger.hydrate(&mut conn, &state.pg, config, id).await {
-        Ok(_) => state.ledger.state(&mut conn, id).await,
+        Ok(created) => {
+            if created {
+                state.metrics.hydrations.inc();
+            }
+            state.ledger.state(&mut conn, id).await
+        }
         Err(crate::ledger::LedgerError::NoSuchAccount(_)) => Ok(None),
         Err(e) => Err(e),
     }

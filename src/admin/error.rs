@@ -21,6 +21,15 @@ pub enum AdminError {
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// Stripe refused a call, failed, or did not answer in time (the message says which).
+    #[error("{0}")]
+    Stripe(String),
+    /// A Stripe feature was called but `[stripe]` is not configured.
+    #[error("{0}")]
+    StripeNotConfigured(String),
+    /// A Stripe webhook whose `Stripe-Signature` does not verify (forged, stale, missing).
+    #[error("{0}")]
+    InvalidSignature(String),
 }
 
 impl AdminError {
@@ -32,6 +41,9 @@ impl AdminError {
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Stripe(_) => StatusCode::BAD_GATEWAY,
+            AdminError::StripeNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::InvalidSignature(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -44,6 +56,9 @@ impl AdminError {
             AdminError::UnknownTier(_) => "unknown_tier",
             AdminError::Unavailable(_) => "store_unavailable",
             AdminError::Internal(_) => "internal_error",
+            AdminError::Stripe(_) => "stripe_error",
+            AdminError::StripeNotConfigured(_) => "stripe_not_configured",
+            AdminError::InvalidSignature(_) => "invalid_signature",
         }
     }
 }
@@ -70,6 +85,9 @@ impl IntoResponse for AdminError {
         match &self {
             AdminError::Unavailable(detail) | AdminError::Internal(detail) => {
                 tracing::error!(code = self.code(), %detail, "admin request failed");
+            }
+            AdminError::Stripe(detail) => {
+                tracing::warn!(code = self.code(), %detail, "Stripe call failed");
             }
             _ => {}
         }

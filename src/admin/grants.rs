@@ -18,6 +18,10 @@ use crate::money::Credits;
 use crate::state::AppState;
 
 const MARK_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The largest single grant, in credits. Balances must stay where micro-credit integers are
+/// exact in the ledger scripts (below 2^53 µc ≈ 9 billion credits); a typo like an extra
+/// dozen zeros is refused here with a clear 400 instead of failing in Redis.
+const MAX_GRANT_CREDITS: i64 = 1_000_000_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +40,11 @@ pub async fn create(
         return Err(AdminError::BadRequest(
             "credits must be greater than 0".into(),
         ));
+    }
+    if Credits::from_credits(MAX_GRANT_CREDITS).is_some_and(|max| body.credits > max) {
+        return Err(AdminError::BadRequest(format!(
+            "credits must be at most {MAX_GRANT_CREDITS} per grant"
+        )));
     }
     let reason = body.reason.trim();
     if reason.is_empty() || reason.len() > 500 {

@@ -2,11 +2,13 @@
 //! token. Health and readiness answer without it, for load balancers and probes.
 
 pub mod accounts;
+pub mod billing;
 pub mod error;
 pub mod extract;
 pub mod grants;
 pub mod health;
 pub mod keys;
+pub mod reports;
 pub mod usage;
 
 use std::sync::Arc;
@@ -31,6 +33,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/accounts/{id}/usage", get(usage::get_usage))
         .route("/v1/accounts/{id}/ledger", get(usage::get_ledger))
         .route("/v1/keys/{key_id}", delete(keys::revoke))
+        .route("/v1/catalog", get(billing::catalog))
+        .route("/v1/checkout/credit-packs", post(billing::checkout_pack))
+        .route(
+            "/v1/checkout/subscriptions",
+            post(billing::checkout_subscription),
+        )
+        .route(
+            "/v1/accounts/{id}/subscription",
+            get(billing::get_subscription).put(billing::change_subscription),
+        )
+        .route(
+            "/v1/accounts/{id}/subscription/cancel",
+            post(billing::cancel_subscription),
+        )
+        .route("/v1/reports/revenue", get(reports::revenue))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -38,6 +55,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        // Stripe signs its webhooks (checked on the raw body); no admin token.
+        .route("/webhooks/stripe", post(billing::stripe_webhook))
         .merge(v1)
         .fallback(|| async { AdminError::NotFound("no such admin endpoint".into()) })
         .with_state(state)

@@ -45,6 +45,7 @@ pub struct Config {
     pub journal: raw::Journal,
     pub auth: AuthConfig,
     pub stripe: Option<StripeConfig>,
+    pub alerts: Option<AlertsConfig>,
     pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
     pub routes: Vec<Arc<RouteConfig>>,
     pub tiers: BTreeMap<String, Arc<TierConfig>>,
@@ -95,6 +96,20 @@ pub struct StripeConfig {
     pub api_base: String,
     pub success_url: String,
     pub cancel_url: String,
+    /// How long a past-due account keeps its allowance.
+    pub past_due_grace: Duration,
+    /// The tier accounts return to when their subscription ends (validated to exist).
+    pub default_tier: String,
+    /// Per Stripe API call.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub webhook_url: String,
+    /// `None` when its environment variable is unset (serve refuses).
+    pub secret: Option<String>,
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone)]

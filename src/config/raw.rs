@@ -22,6 +22,8 @@ pub struct Config {
     #[serde(default)]
     pub stripe: Option<Stripe>,
     #[serde(default)]
+    pub alerts: Option<Alerts>,
+    #[serde(default)]
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -199,10 +201,43 @@ pub struct Stripe {
     pub success_url: Option<String>,
     #[serde(default)]
     pub cancel_url: Option<String>,
+    /// A subscription whose invoice failed keeps being served this many days; after that its
+    /// allowance is frozen (purchased credits stay usable) until an invoice is paid.
+    #[serde(default = "default_grace_days")]
+    pub past_due_grace_days: u32,
+    /// The tier an account returns to when its subscription ends ("free" when absent).
+    #[serde(default)]
+    pub default_tier: Option<String>,
+    /// Longest wait for one Stripe API call (checkout, subscription changes).
+    #[serde(default = "default_stripe_timeout")]
+    pub timeout_ms: u64,
 }
 
 fn default_stripe_base() -> String {
     "https://api.stripe.com".into()
+}
+fn default_grace_days() -> u32 {
+    7
+}
+fn default_stripe_timeout() -> u64 {
+    10_000
+}
+
+/// Outgoing alerts: low balance and 80 % / 100 % of the allowance, POSTed as signed JSON.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub webhook_url: String,
+    /// HMAC-SHA256 key for the `Tollgate-Signature` header, from this environment variable.
+    pub secret_env: String,
+    /// Deliveries are retried with exponential backoff (1 s, 2 s, 4 s, … capped at 1 h) up to
+    /// this many attempts.
+    #[serde(default = "default_alert_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_alert_attempts() -> u32 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +412,9 @@ pub struct Tier {
     pub stripe_price_id_monthly: Option<String>,
     #[serde(default)]
     pub stripe_price_id_yearly: Option<String>,
+    /// Currency of the list prices above.
+    #[serde(default = "default_currency")]
+    pub currency: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

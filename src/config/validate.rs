@@ -230,6 +230,31 @@ pub(super) fn validate(
                 .cancel_url
                 .clone()
                 .unwrap_or_else(|| "https://example.com/billing/cancel".into()),
+            past_due_grace: Duration::from_secs(u64::from(s.past_due_grace_days) * 86_400),
+            default_tier: s.default_tier.clone().unwrap_or_else(|| "free".into()),
+            timeout: Duration::from_millis(s.timeout_ms),
+        }
+    });
+    if let (Some(s), Some(config)) = (&raw.stripe, &stripe) {
+        validate_stripe(&raw, s, config, &mut p);
+    }
+
+    // [alerts]
+    let alerts = raw.alerts.as_ref().map(|a| {
+        match url::Url::parse(&a.webhook_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => p.add(
+                "alerts.webhook_url",
+                format!("{:?} must be an http:// or https:// URL", a.webhook_url),
+            ),
+        }
+        if !(1..=50).contains(&a.max_attempts) {
+            p.add("alerts.max_attempts", "must be between 1 and 50");
+        }
+        AlertsConfig {
+            webhook_url: a.webhook_url.clone(),
+            secret: secret(&a.secret_env, "alerts.secret_env", env, &mut missing),
+            max_attempts: a.max_attempts,
         }
     });
 
@@ -374,6 +399,12 @@ pub(super) fn validate(
             if low.is_negative() {
                 p.add(format!("{f}.low_balance_credits"), "must not be negative");
             }
+        }
+        if !is_currency(&t.currency) {
+            p.add(
+                format!("{f}.currency"),
+                "must be a lowercase ISO 4217 code such as \"usd\"",
+            );
         }
         for action in t.action_quotas.keys() {
             if !all_actions.contains(action) {
@@ -544,7 +575,7 @@ pub(super) fn validate(
         if pack.bonus_credits.is_negative() {
             p.add(format!("{f}.bonus_credits"), "must not be negative");
         }
-        if pack.currency.len() != 3 || !pack.currency.bytes().all(|b| b.is_ascii_lowercase()) {
+        if !is_currency(&pack.currency) {
             p.add(
                 format!("{f}.currency"),
                 "must be a lowercase ISO 4217 code such as \"usd\"",
@@ -571,12 +602,77 @@ pub(super) fn validate(
             jwt,
         },
         stripe,
+        alerts,
         upstreams,
         routes,
         tiers,
         credit_packs: raw.credit_packs.clone(),
         missing_secrets: missing,
     })
+}
+
+fn is_currency(c: &str) -> bool {
+    c.len() == 3 && c.bytes().all(|b| b.is_ascii_lowercase())
+}
+
+/// `[stripe]` against the tiers and packs: the default tier exists, every Stripe price id is
+/// well formed and names one tier/interval or one pack (a webhook maps a price back to a tier).
+fn validate_stripe(raw: &raw::Config, s: &raw::Stripe, config: &StripeConfig, p: &mut Problems) {
+    if !raw.tiers.contains_key(&config.default_tier) {
+        match &s.default_tier {
+            Some(t) => p.add("stripe.default_tier", format!("no tier named {t:?}")),
+            None => p.add(
+                "stripe.default_tier",
+                "set the tier accounts return to when their subscription ends (there is no tier named \"free\")",
+            ),
+        }
+    }
+    if s.past_due_grace_days > 365 {
+        p.add("stripe.past_due_grace_days", "must be at most 365");
+    }
+    if !(100..=120_000).contains(&s.timeout_ms) {
+        p.add("stripe.timeout_ms", "must be between 100 and 120000");
+    }
+    for (field, value) in [
+        ("success_url", &s.success_url),
+        ("cancel_url", &s.cancel_url),
+    ] {
+        if let Some(v) = value {
+            if url::Url::parse(v).is_err() {
+                p.add(format!("stripe.{field}"), format!("{v:?} is not a URL"));
+            }
+        }
+    }
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut price = |field: String, id: &Option<String>, p: &mut Problems| {
+        let Some(id) = id else { return };
+        if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            p.add(&field, format!("{id:?} is not a Stripe price id"));
+        } else if let Some(other) = seen.get(id.as_str()) {
+            p.add(&field, format!("price {id:?} is already used by {other}"));
+        } else {
+            seen.insert(id.clone(), field);
+        }
+    };
+    for (name, t) in &raw.tiers {
+        price(
+            format!("tiers.{name}.stripe_price_id_monthly"),
+            &t.stripe_price_id_monthly,
+            p,
+        );
+        price(
+            format!("tiers.{name}.stripe_price_id_yearly"),
+            &t.stripe_price_id_yearly,
+            p,
+        );
+    }
+    for (i, pack) in raw.credit_packs.iter().enumerate() {
+        price(
+            format!("credit_packs[{i}].stripe_price_id"),
+            &pack.stripe_price_id,
+            p,
+        );
+    }
 }
 
 fn placeholder_upstream() -> UpstreamConfig {

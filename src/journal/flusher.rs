@@ -20,8 +20,11 @@ use crate::ledger::keys;
 use crate::metrics::Metrics;
 
 pub const GROUP: &str = "tollgate-journal";
-/// Entries per shard per read.
-const READ_COUNT: usize = 1000;
+/// Entries per shard per read, at most. A read whose reply does not arrive in time (the
+/// connection's response timeout) is retried with a quarter of the count, down to
+/// MIN_READ_COUNT, and the count grows back after each good batch.
+const MAX_READ_COUNT: usize = 1000;
+const MIN_READ_COUNT: usize = 1;
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
@@ -35,7 +38,12 @@ pub struct Flusher {
     /// Pending entries idle this long belong to a dead consumer and are claimed.
     pub claim_idle: Duration,
     pub metrics: Arc<Metrics>,
+    /// Sees every batch once it is committed (the outgoing alerts); must not block.
+    pub on_flushed: Option<OnFlushed>,
 }
+
+/// A hook called with each committed batch.
+pub type OnFlushed = Arc<dyn Fn(&[JournalEntry]) + Send + Sync>;
 
 /// A read batch: entries to write, grouped by stream for the acknowledgement.
 #[derive(Default)]
@@ -102,9 +110,10 @@ impl Flusher {
         }
     }
 
-    /// Reads up to READ_COUNT entries per shard. `pending = true` re-reads this consumer's own
-    /// unacknowledged entries (after a failed write or a restart under the same name).
-    async fn read(&mut self, pending: bool) -> redis::RedisResult<Batch> {
+    /// Reads up to `count` entries per shard. `pending = true` re-reads this consumer's own
+    /// unacknowledged entries (after a failed read, whose entries were delivered to this
+    /// consumer although the reply never arrived, or a restart under the same name).
+    async fn read(&mut self, pending: bool, count: usize) -> redis::RedisResult<Batch> {
         let all = streams(&self.prefix, self.shards);
         let mut pipe = redis::pipe();
         for stream in &all {
@@ -113,7 +122,7 @@ impl Flusher {
                 .arg(GROUP)
                 .arg(&self.consumer)
                 .arg("COUNT")
-                .arg(READ_COUNT)
+                .arg(count)
                 .arg("STREAMS")
                 .arg(stream)
                 .arg(if pending { "0" } else { ">" });
@@ -136,7 +145,7 @@ impl Flusher {
     }
 
     /// Claims entries other (dead) consumers left pending.
-    async fn claim(&mut self) -> redis::RedisResult<Batch> {
+    async fn claim(&mut self, count: usize) -> redis::RedisResult<Batch> {
         let mut batch = Batch::default();
         for stream in streams(&self.prefix, self.shards) {
             let reply: Value = redis::cmd("XAUTOCLAIM")
@@ -146,7 +155,7 @@ impl Flusher {
                 .arg(self.claim_idle.as_millis() as u64)
                 .arg("0")
                 .arg("COUNT")
-                .arg(READ_COUNT)
+                .arg(count)
                 .query_async(&mut self.redis)
                 .await?;
             if let Value::Array(parts) = reply {
@@ -198,6 +207,9 @@ impl Flusher {
         }
         let started = Instant::now();
         let inserted = super::write::insert_batch(&self.pg, &batch.entries).await?;
+        if let Some(hook) = &self.on_flushed {
+            hook(&batch.entries);
+        }
         let mut pipe = redis::pipe();
         for (stream, ids) in &batch.acks {
             pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
@@ -245,6 +257,7 @@ impl Flusher {
         }
         let mut in_hand: Option<Batch> = None;
         let mut read_pending = true;
+        let mut count = MAX_READ_COUNT;
         let mut last_claim = Instant::now() - CLAIM_EVERY;
         let mut last_backlog = Instant::now() - BACKLOG_EVERY;
         loop {
@@ -253,22 +266,51 @@ impl Flusher {
                 self.sample_backlog().await;
                 last_backlog = Instant::now();
             }
+            // Whether this batch is a read of our own pending list.
+            let mut pending_read = false;
             let batch = match in_hand.take() {
                 Some(b) => Ok(b),
                 None if last_claim.elapsed() >= CLAIM_EVERY && !stopping => {
                     last_claim = Instant::now();
-                    self.claim().await
+                    self.claim(count).await
                 }
-                None => self.read(read_pending).await,
+                None => {
+                    pending_read = read_pending;
+                    self.read(read_pending, count).await
+                }
             };
             let batch = match batch {
                 Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "journal: reading the streams failed");
+                Err(e) if is_nogroup(&e) && !stopping => {
+                    // The streams or the group vanished: Redis lost its data (a restart
+                    // without AOF, a FLUSHALL) or a stream was deleted. New entries go to
+                    // streams without our group; create it again (from the start of each
+                    // stream, so nothing written since is skipped) and go on.
+                    tracing::warn!(error = %e, "journal: consumer group missing; creating it again");
                     self.metrics
                         .journal_errors
                         .with_label_values(&["redis"])
                         .inc();
+                    if let Err(e) = self.ensure_groups().await {
+                        tracing::warn!(error = %e, "journal: cannot create consumer groups");
+                        if sleep_or_stop(&stop, backoff).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, count, "journal: reading the streams failed");
+                    self.metrics
+                        .journal_errors
+                        .with_label_values(&["redis"])
+                        .inc();
+                    // A timed-out XREADGROUP still delivered its entries to this consumer:
+                    // read them back from our own pending list (not only after a claim
+                    // timeout), in smaller batches in case the reply was too large.
+                    read_pending = true;
+                    count = (count / 4).max(MIN_READ_COUNT);
                     if stopping || sleep_or_stop(&stop, backoff).await {
                         return;
                     }
@@ -276,11 +318,12 @@ impl Flusher {
                     continue;
                 }
             };
-            let was_pending_read = read_pending;
-            read_pending = false;
-            let full = batch.entries.len() >= READ_COUNT;
+            let full = batch.entries.len() >= count;
             match self.flush(&batch).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    count = (count * 2).min(MAX_READ_COUNT);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, entries = batch.entries.len(), "journal: flush failed; will retry (entries stay in Redis)");
                     self.metrics
@@ -291,6 +334,9 @@ impl Flusher {
                         return;
                     }
                     in_hand = Some(batch);
+                    // Once it is written, look at our pending list again for anything else
+                    // delivered to us but not yet written.
+                    read_pending = true;
                     if sleep_or_stop(&stop, backoff).await {
                         // Last chance on shutdown: one more try.
                         if let Some(b) = in_hand.take() {
@@ -302,7 +348,11 @@ impl Flusher {
                     continue;
                 }
             }
-            if batch.is_empty() && !was_pending_read {
+            if pending_read {
+                // Our own pending list is read until it comes back empty, then new entries.
+                read_pending = !batch.is_empty();
+            }
+            if batch.is_empty() && !pending_read {
                 if stopping {
                     return;
                 }
@@ -313,7 +363,7 @@ impl Flusher {
                 }
             } else if !full && stopping {
                 // Drained what there was at shutdown.
-                let last = self.read(false).await;
+                let last = self.read(false, count).await;
                 if let Ok(b) = last {
                     let _ = self.flush(&b).await;
                 }
@@ -321,6 +371,15 @@ impl Flusher {
             }
         }
     }
+}
+
+/// Whether a command (or any command of a pipeline) failed because a stream or the consumer
+/// group does not exist.
+fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, err)| err.code() == "NOGROUP"))
 }
 
 /// `true` when stopped during the sleep.

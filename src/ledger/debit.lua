@@ -3,14 +3,21 @@
 -- ARGV: 1 account id, 2 expected tier, 3 monthly credits (µc, -1 = unlimited), 4 cost (µc),
 --       5 now (unix ms), 6 request id, 7 route, 8 action,
 --       9 requests/hour, 10 requests/month, 11 action/hour, 12 action/month (0 = no limit),
---       13 max concurrent (0 = no limit), 14 lease ttl (ms)
+--       13 max concurrent (0 = no limit), 14 lease ttl (ms), 15 charge id (unique per debit,
+--       minted by tollgate: the journal entry ids and the lease member derive from it, never
+--       from the client-supplied request id, which a client may repeat)
 -- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end}
 --        {1}                                 account not in Redis: hydrate and retry
 --        {2, allowance, purchased}           insufficient credits
 --        {3, quota_name, limit, retry_after_s}
 --        {4, limit}                          too many requests in flight
---        {5, status}                         account not active
+--        {5, status}                         account not active (past_due is served: until
+--                                            its grace deadline as usual, then with the
+--                                            allowance frozen, reported as 0)
 --        {6, tier}                           tier differs from the caller's cached one
+--        {7}                                 ran after ARGV[16], the caller's deadline in
+--                                            Redis's clock (unix ms; 0 = none): the caller
+--                                            has given up waiting, so nothing is charged
 local acct, stream, leases = KEYS[1], KEYS[2], KEYS[3]
 local account_id, tier = ARGV[1], ARGV[2]
 local monthly, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -20,14 +27,30 @@ local req_id, route, action = ARGV[6], ARGV[7], ARGV[8]
 local per_hour, per_month = tonumber(ARGV[9]), tonumber(ARGV[10])
 local act_hour, act_month = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_conc, lease_ttl = tonumber(ARGV[13]), tonumber(ARGV[14])
+local charge_id = ARGV[15]
+local deadline = tonumber(ARGV[16] or '0')
+
+-- A call that waited in a busy Redis past the caller's timeout must not charge: the caller
+-- has already answered 503 (or forwarded unmetered) and will never refund it.
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then return {7} end
+end
 
 if redis.call('EXISTS', acct) == 0 then return {1} end
 local cur_tier = redis.call('HGET', acct, 'tier')
 if cur_tier ~= tier then return {6, cur_tier or ''} end
 local status = redis.call('HGET', acct, 'status') or 'active'
-if status ~= 'active' then return {5, status} end
+-- Past due (a failed subscription invoice): served as usual until the grace deadline; after
+-- it the allowance is frozen and only purchased credits pay, until an invoice is paid.
+local frozen = false
+if status == 'past_due' then
+  frozen = now_s >= tonumber(redis.call('HGET', acct, 'grace_until') or '0')
+elseif status ~= 'active' then
+  return {5, status}
+end
 
-roll_period(acct, stream, account_id, monthly, now_s, now_ms, req_id)
+roll_period(acct, stream, account_id, monthly, now_s, now_ms, charge_id)
 local period_end = tonumber(redis.call('HGET', acct, 'period_end'))
 
 -- Quotas: fixed windows, the hour on the clock and the billing period.
@@ -59,9 +82,12 @@ end
 local allowance = tonumber(redis.call('HGET', acct, 'allowance') or '0')
 local purchased = tonumber(redis.call('HGET', acct, 'purchased') or '0')
 local from_allow, from_purch = 0, 0
-if monthly >= 0 then
-  if allowance + purchased < cost then return {2, allowance, purchased} end
-  from_allow = math.min(math.max(allowance, 0), cost)
+-- A frozen allowance counts as zero (also on unlimited tiers); replies report it so.
+local usable = allowance
+if frozen then usable = 0 end
+if monthly >= 0 or frozen then
+  if usable + purchased < cost then return {2, usable, purchased} end
+  from_allow = math.min(math.max(usable, 0), cost)
   from_purch = cost - from_allow
   if from_allow ~= 0 then allowance = redis.call('HINCRBY', acct, 'allowance', -from_allow) end
   if from_purch ~= 0 then purchased = redis.call('HINCRBY', acct, 'purchased', -from_purch) end
@@ -70,11 +96,12 @@ end
 redis.call('HSET', acct, 'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
   ak .. ':h', a_h + 1, ak .. ':hidx', hour, ak .. ':p', a_p + 1)
 if max_conc > 0 then
-  redis.call('ZADD', leases, now_ms + lease_ttl, req_id)
+  redis.call('ZADD', leases, now_ms + lease_ttl, charge_id)
   redis.call('PEXPIRE', leases, lease_ttl)
 end
 redis.call('XADD', stream, '*',
-  'id', req_id .. ':debit', 'acct', account_id, 'kind', 'debit', 'amount', cost,
+  'id', charge_id .. ':debit', 'acct', account_id, 'kind', 'debit', 'amount', cost,
   'd_allow', -from_allow, 'd_purch', -from_purch, 'allow', allowance, 'purch', purchased,
   'route', route, 'action', action, 'req', req_id, 'tier', tier, 'ts', now_ms)
+if frozen then allowance = 0 end
 return {0, from_allow, from_purch, allowance, purchased, period_end}

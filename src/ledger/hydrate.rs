@@ -1,5 +1,6 @@
 //! Hydration: an account missing from Redis (new, evicted, or Redis lost its data) is rebuilt
-//! from Postgres: tier, status and period from `accounts`, the buckets from the journal's sums.
+//! from Postgres: tier, status and period from `accounts`, the buckets from the journal's sums
+//! (plus the account's entries still in its shard stream, not yet flushed).
 //! An account with no journal yet opens with its tier's monthly allowance, journaled.
 
 use redis::aio::ConnectionManager;
@@ -32,6 +33,35 @@ pub async fn journal_sums(pg: &PgPool, account_id: &str) -> Result<JournalSums, 
     })
 }
 
+/// The journal's view of an account about to be hydrated: its rows in Postgres plus its
+/// entries still waiting in the shard stream. Without the latter, an account hash that goes
+/// away (evicted, deleted) while some of its entries are unflushed would come back without
+/// their effect, and an account whose opening entry is unflushed would be opened twice.
+/// Redis first (atomically), then one Postgres statement: every entry counts once (see
+/// [`crate::journal::audit::journal_view`]). No entry of the account can be added to the
+/// stream meanwhile: the scripts refuse an account whose hash is absent.
+pub async fn journal_view(
+    conn: &mut ConnectionManager,
+    pg: &PgPool,
+    keys: &super::keys::AccountKeys,
+    account_id: &str,
+    timeout: std::time::Duration,
+) -> Result<JournalSums, LedgerError> {
+    let snap = tokio::time::timeout(
+        timeout,
+        crate::journal::audit::snapshot(conn, keys, account_id),
+    )
+    .await
+    .map_err(|_| LedgerError::Timeout(timeout))??;
+    let view = crate::journal::audit::journal_view(pg, account_id, &snap.pending).await?;
+    let (allowance, purchased) = view.total();
+    Ok(JournalSums {
+        entries: view.entries(),
+        allowance: Credits::from_micros(allowance),
+        purchased: Credits::from_micros(purchased),
+    })
+}
+
 impl Ledger {
     /// Loads the account into Redis unless it is already there. `Ok(true)` when this call
     /// created it.
@@ -51,7 +81,16 @@ impl Ledger {
                 account: account_id.to_string(),
                 tier: row.tier.clone(),
             })?;
-        let sums = journal_sums(pg, account_id).await?;
+        let k = self.keys(account_id);
+        let sums = journal_view(conn, pg, &k, account_id, self.timeout).await?;
+        // A subscription past due (Stripe): the grace deadline, so the debit script keeps
+        // freezing the allowance after it even when Redis lost the account.
+        let grace_until: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT grace_until FROM accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_optional(pg)
+                .await?
+                .flatten();
         let opening = sums.entries == 0;
         let (allowance, purchased) = if opening {
             let monthly = match tier.raw.monthly_credits {
@@ -62,7 +101,6 @@ impl Ledger {
         } else {
             (sums.allowance, sums.purchased)
         };
-        let k = self.keys(account_id);
         let created: i64 = self
             .timed(
                 self.hydrate
@@ -78,6 +116,7 @@ impl Ledger {
                     .arg(account_id)
                     .arg(if opening { "1" } else { "0" })
                     .arg(super::now_ms())
+                    .arg(grace_until.map_or(0, |t| t.timestamp()))
                     .invoke_async(conn),
             )
             .await?;

@@ -4,6 +4,7 @@
 //! (`redis::Script`); a changed script has a new SHA, so old and new proxies coexist during a
 //! rolling deploy.
 
+pub mod billing;
 pub mod hydrate;
 pub mod keys;
 
@@ -43,7 +44,11 @@ pub struct DebitRequest<'a> {
     pub monthly: Option<Credits>,
     pub cost: Credits,
     pub now_ms: i64,
+    /// The request id as the client and the logs know it (may be client-supplied).
     pub request_id: &'a str,
+    /// Unique per debit, minted by tollgate: journal entry ids and the concurrency lease are
+    /// keyed by it, so a client repeating an `X-Request-Id` cannot collide with itself.
+    pub charge_id: &'a str,
     pub route: &'a str,
     pub action: &'a str,
     pub requests_per_hour: u64,
@@ -52,6 +57,9 @@ pub struct DebitRequest<'a> {
     pub action_per_month: u64,
     pub max_concurrent: u32,
     pub lease_ttl_ms: u64,
+    /// Past this instant in Redis's clock (unix ms) the script refuses to charge: the caller
+    /// will have timed out. 0 = no deadline.
+    pub deadline_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +92,8 @@ pub enum DebitOutcome {
     TierMismatch {
         tier: String,
     },
+    /// The script ran after the caller's deadline and charged nothing.
+    Expired,
 }
 
 /// One credit movement outside the hot path.
@@ -139,6 +149,10 @@ impl AccountState {
 
 /// The scripts and the key layout of one deployment.
 pub struct Ledger {
+    /// Redis's clock minus ours (ms), measured at start and refreshed, so debit deadlines are
+    /// expressed in Redis's clock whatever the skew between hosts.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+    clock_known: std::sync::atomic::AtomicBool,
     pub prefix: String,
     pub shards: u32,
     pub timeout: Duration,
@@ -178,6 +192,8 @@ impl Ledger {
     pub fn new(prefix: &str, shards: u32, timeout: Duration) -> Self {
         let with_period = |body: &str| format!("{PERIOD_LUA}\n{body}");
         Ledger {
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            clock_known: std::sync::atomic::AtomicBool::new(false),
             prefix: prefix.to_string(),
             shards,
             timeout,
@@ -186,6 +202,35 @@ impl Ledger {
             hydrate: Script::new(include_str!("hydrate.lua")),
             set_tier: Script::new(include_str!("set_tier.lua")),
         }
+    }
+
+    /// Measures Redis's clock against ours (half the round trip assumed each way).
+    pub async fn sync_clock(&self, conn: &mut ConnectionManager) -> Result<(), LedgerError> {
+        let before = now_ms();
+        let (secs, micros): (i64, i64) = self.timed(redis::cmd("TIME").query_async(conn)).await?;
+        let after = now_ms();
+        let redis_ms = secs * 1000 + micros / 1000;
+        let offset = redis_ms - (before + after) / 2;
+        self.clock_offset_ms
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+        self.clock_known
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The debit deadline for a call starting now: three quarters of the Redis timeout, in
+    /// Redis's clock, so a reply still has time to arrive before the caller gives up. 0 while
+    /// the clock offset is unknown.
+    pub fn deadline_ms(&self) -> i64 {
+        if !self.clock_known.load(std::sync::atomic::Ordering::Relaxed) {
+            return 0;
+        }
+        let budget = (self.timeout.as_millis() as i64 * 3) / 4;
+        now_ms()
+            + self
+                .clock_offset_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+            + budget
     }
 
     pub fn keys(&self, account_id: &str) -> AccountKeys {
@@ -230,6 +275,8 @@ impl Ledger {
                     .arg(r.action_per_month)
                     .arg(r.max_concurrent)
                     .arg(r.lease_ttl_ms)
+                    .arg(r.charge_id)
+                    .arg(r.deadline_ms)
                     .invoke_async(conn),
             )
             .await?;
@@ -262,6 +309,7 @@ impl Ledger {
             6 => DebitOutcome::TierMismatch {
                 tier: reply.get(1).and_then(text).unwrap_or_default(),
             },
+            7 => DebitOutcome::Expired,
             _ => return Err(reply_err(&reply)),
         })
     }
@@ -378,14 +426,14 @@ impl Ledger {
         &self,
         conn: &mut ConnectionManager,
         account_id: &str,
-        request_id: &str,
+        charge_id: &str,
     ) -> Result<(), LedgerError> {
         let k = self.keys(account_id);
         let _: i64 = self
             .timed(
                 redis::cmd("ZREM")
                     .arg(&k.leases)
-                    .arg(request_id)
+                    .arg(charge_id)
                     .query_async(conn),
             )
             .await?;

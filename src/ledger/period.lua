@@ -45,7 +45,7 @@ end
 -- Rolls the account's period forward while `now_s >= period_end`: the allowance is reset to
 -- the tier's monthly credits (no roll-over), period counters are cleared, and one `reset`
 -- journal entry records the change. Returns nothing; mutates the hash.
-local function roll_period(acct, stream, account_id, monthly, now_s, now_ms, req_id)
+local function roll_period(acct, stream, account_id, monthly, now_s, now_ms, charge_id)
   local period_end = tonumber(redis.call('HGET', acct, 'period_end') or '0')
   if now_s < period_end then return end
   local anchor = tonumber(redis.call('HGET', acct, 'anchor_day') or '1')
@@ -68,7 +68,7 @@ local function roll_period(acct, stream, account_id, monthly, now_s, now_ms, req
     end
   end
   redis.call('XADD', stream, '*',
-    'id', req_id .. ':reset:' .. period_start, 'acct', account_id, 'kind', 'reset',
+    'id', charge_id .. ':reset:' .. period_start, 'acct', account_id, 'kind', 'reset',
     'amount', 0, 'd_allow', new_allowance - allowance, 'd_purch', 0,
     'allow', new_allowance, 'purch', purchased, 'ts', now_ms,
     'period_start', period_start, 'period_end', period_end)

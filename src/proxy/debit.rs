@@ -15,12 +15,17 @@ use crate::state::{AppState, Snapshot};
 #[derive(Debug, Clone)]
 pub struct Charge {
     pub account_id: String,
+    /// Unique id of this debit (minted here, not the client's request id): the refund's
+    /// idempotency key and the concurrency lease use it.
+    pub charge_id: String,
     pub cost: Credits,
     pub from_allowance: Credits,
     pub from_purchased: Credits,
     /// Balance after the debit (`None` for unlimited tiers).
     pub remaining: Option<Credits>,
     pub low: bool,
+    /// The tier's low-balance threshold, to re-decide `low` after a refund.
+    pub low_threshold: Option<Credits>,
     /// A concurrency lease is held under the request id.
     pub lease: bool,
 }
@@ -50,6 +55,7 @@ pub async fn debit(
 ) -> Result<Debit, DebitError> {
     let t = &tier.raw;
     let quota = t.action_quotas.get(&route.action);
+    let charge_id = uuid::Uuid::now_v7().simple().to_string();
     let request = DebitRequest {
         account_id: &identity.account_id,
         tier: &tier.name,
@@ -57,6 +63,7 @@ pub async fn debit(
         cost,
         now_ms: ledger::now_ms(),
         request_id,
+        charge_id: &charge_id,
         route: &route.name,
         action: &route.action,
         requests_per_hour: t.requests_per_hour.unwrap_or(0),
@@ -65,10 +72,13 @@ pub async fn debit(
         action_per_month: quota.and_then(|q| q.per_month).unwrap_or(0),
         max_concurrent: t.max_concurrent.unwrap_or(0),
         lease_ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
+        deadline_ms: 0,
     };
+    let mut request = request;
     let mut conn = state.redis.clone();
     for attempt in 0..2 {
         let started = Instant::now();
+        request.deadline_ms = state.ledger.deadline_ms();
         let outcome = state.ledger.debit(&mut conn, &request).await;
         state
             .metrics
@@ -104,22 +114,29 @@ pub async fn debit(
                 };
                 return Ok(Debit::Charged(Charge {
                     account_id: identity.account_id.clone(),
+                    charge_id: charge_id.clone(),
                     cost,
                     from_allowance,
                     from_purchased,
                     remaining,
                     low,
+                    low_threshold: t.low_balance_credits,
                     lease: request.max_concurrent > 0,
                 }));
             }
             DebitOutcome::Missing if attempt == 0 => {
-                state.metrics.hydrations.inc();
                 match state
                     .ledger
                     .hydrate(&mut conn, &state.pg, &snap.config, &identity.account_id)
                     .await
                 {
-                    Ok(_) => continue,
+                    Ok(created) => {
+                        // Only a load that happened counts (another instance may have won).
+                        if created {
+                            state.metrics.hydrations.inc();
+                        }
+                        continue;
+                    }
                     Err(LedgerError::NoSuchAccount(_)) => {
                         return rejected(GatewayError::InvalidCredentials)
                     }
@@ -194,6 +211,16 @@ pub async fn debit(
                     .caches
                     .apply(&format!("account:{}", identity.account_id));
                 return Ok(Debit::TierChanged(tier));
+            }
+            DebitOutcome::Expired => {
+                state
+                    .metrics
+                    .redis_errors
+                    .with_label_values(&["debit"])
+                    .inc();
+                return Err(DebitError::Unavailable(LedgerError::Timeout(
+                    state.ledger.timeout,
+                )));
             }
         }
     }

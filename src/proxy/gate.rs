@@ -45,7 +45,7 @@ impl RateLimiters {
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
                 Err(GatewayError::RateLimited {
-                    retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                    retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
                     limit: 0,
                     window_secs: 1,
                 })

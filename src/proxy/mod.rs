@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod debit;
 pub mod gate;
+pub mod meter;
 pub mod respond;
 pub mod route;
 pub mod selfservice;
@@ -322,15 +323,17 @@ impl ProxyHttp for Gateway {
                 charge.cost
             };
             upstream_response.insert_header("x-credits-charged", charged.to_string())?;
+            let mut low = charge.low;
             if let Some(remaining) = charge.remaining {
                 let remaining = if refund {
                     remaining + charge.from_allowance + charge.from_purchased
                 } else {
                     remaining
                 };
+                low = charge.low_threshold.is_some_and(|t| remaining < t);
                 upstream_response.insert_header("x-credits-remaining", remaining.to_string())?;
             }
-            if charge.low {
+            if low {
                 upstream_response.insert_header("x-credits-low", "true")?;
             }
         }
@@ -352,7 +355,7 @@ impl ProxyHttp for Gateway {
                         route,
                         charge,
                         &ctx.request_id,
-                        settle::Failure::ConnectError,
+                        settle::Failure::Refused,
                     )
                     .await;
                     ctx.refunded = true;

@@ -19,14 +19,18 @@ pub enum Failure {
     ConnectError,
     Timeout,
     Upstream5xx,
+    /// tollgate itself refused the request after charging (a chunked body over the tier's
+    /// limit): always refunded, whatever the route's policy.
+    Refused,
 }
 
 impl Failure {
-    fn policy(self) -> RefundOn {
+    fn policy(self) -> Option<RefundOn> {
         match self {
-            Failure::ConnectError => RefundOn::ConnectError,
-            Failure::Timeout => RefundOn::Timeout,
-            Failure::Upstream5xx => RefundOn::Status5xx,
+            Failure::ConnectError => Some(RefundOn::ConnectError),
+            Failure::Timeout => Some(RefundOn::Timeout),
+            Failure::Upstream5xx => Some(RefundOn::Status5xx),
+            Failure::Refused => None,
         }
     }
 
@@ -35,12 +39,13 @@ impl Failure {
             Failure::ConnectError => "connect_error",
             Failure::Timeout => "timeout",
             Failure::Upstream5xx => "upstream_5xx",
+            Failure::Refused => "refused_by_tollgate",
         }
     }
 }
 
 pub fn should_refund(route: &RouteConfig, failure: Option<Failure>) -> bool {
-    failure.is_some_and(|f| route.refunds(f.policy()))
+    failure.is_some_and(|f| f.policy().is_none_or(|p| route.refunds(p)))
 }
 
 /// Returns the whole charge to the buckets it came from. `true` when the refund is recorded.
@@ -57,8 +62,10 @@ pub async fn refund(
     {
         return true;
     }
-    let entry_id = format!("{request_id}:refund");
-    let external_id = format!("refund:{request_id}");
+    // Keyed by the charge, not the request id: a client may send the same X-Request-Id again
+    // (a retry), and that second failure must be refunded too.
+    let entry_id = format!("{}:refund", charge.charge_id);
+    let external_id = format!("refund:{}", charge.charge_id);
     let request = CreditRequest {
         account_id: &charge.account_id,
         kind: "refund",
@@ -100,7 +107,7 @@ pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
     let mut conn = state.redis.clone();
     if let Err(e) = state
         .ledger
-        .release_lease(&mut conn, &charge.account_id, request_id)
+        .release_lease(&mut conn, &charge.account_id, &charge.charge_id)
         .await
     {
         // The lease expires by itself (redis.lease_ttl_seconds).

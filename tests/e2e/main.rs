@@ -4,15 +4,44 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
+mod ledger_util;
 mod upstream;
 
 mod admin;
 mod auth;
 mod check_config;
 mod jwt;
+mod ledger_admin;
+mod ledger_buckets;
+mod ledger_exactness;
+mod ledger_failures;
+mod ledger_gates;
+mod ledger_headers;
+mod ledger_metrics;
+mod ledger_quotas;
 mod lifecycle;
 mod metrics;
 mod proxy_errors;
 mod proxy_passthrough;
 mod revocation;
 mod sse;
+
+mod journal_audit;
+mod journal_crash;
+mod journal_dedup;
+mod journal_pg_outage;
+mod journal_redis_loss;
+mod journal_shutdown;
+mod journal_throughput;
+mod journal_usage;
+mod journal_util;
+
+mod fake_stripe;
+mod stripe_alerts;
+mod stripe_checkout;
+mod stripe_config;
+mod stripe_refunds;
+mod stripe_reports;
+mod stripe_subscriptions;
+mod stripe_util;
+mod stripe_webhooks;

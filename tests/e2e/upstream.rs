@@ -417,10 +417,16 @@ fn sse(
     resp
 }
 
-/// An address on 127.0.0.1 where nothing listens (bound, then released).
+/// An address on 127.0.0.1 where nothing listens: the port stays bound (never listening) for
+/// the rest of the test process, so no other test's listener can take it and answer.
 pub fn closed_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
-    listener.local_addr().expect("local addr")
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("binding a port");
+    let addr = socket.local_addr().expect("local addr");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Accepts TCP connections and never answers (nor closes them) until dropped.

@@ -1,0 +1,364 @@
+//! When things fail: refunds follow the route's policy (upstream 5xx, connect errors, timeouts);
+//! Redis unreachable or hung fails closed with 503 `metering_unavailable` (quickly) or, on a
+//! `fail_mode = "open"` route, forwards unmetered and counts it; the ledger recovers when Redis
+//! returns; a flushed script cache is transparent.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+
+use crate::harness::{http_client, poll_until, TestEnv};
+use crate::ledger_util::{
+    balance, call_with, get, get_ok, grant, metric, total, wait_metric_at_least, wait_total,
+    ClosedPort, GateMode, RedisGate,
+};
+use crate::upstream::{Blackhole, FakeUpstream};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_follow_the_route_policy() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let blackhole = Blackhole::start().await;
+    let closed = ClosedPort::new();
+    let app = env
+        .config()
+        .toml(format!(
+            r#"
+[[upstreams]]
+name = "up"
+url = "{up}"
+
+[[upstreams]]
+name = "closed"
+url = "http://{closed_addr}"
+connect_timeout_ms = 2000
+
+[[upstreams]]
+name = "blackhole"
+url = "{blackhole}"
+read_timeout_ms = 300
+
+[[routes]]
+name = "refunding"
+path_prefix = "/v1/a"
+upstream = "up"
+cost = 1
+
+[[routes]]
+name = "keeping"
+path_prefix = "/v1/b"
+upstream = "up"
+cost = 1
+refund_on = []
+
+[[routes]]
+name = "dead"
+path_prefix = "/v1/dead"
+upstream = "closed"
+cost = 1
+
+[[routes]]
+name = "hung"
+path_prefix = "/v1/hung"
+upstream = "blackhole"
+cost = 1
+
+[[routes]]
+name = "hung_refunding"
+path_prefix = "/v1/hung-refunding"
+upstream = "blackhole"
+cost = 1
+refund_on = ["timeout"]
+
+[tiers.basic]
+monthly_credits = 10
+"#,
+            up = up.url(),
+            blackhole = blackhole.url(),
+            closed_addr = closed.addr,
+        ))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    // Error answers may close their connection: one connection per request.
+    let c = crate::harness::http_client_no_pool();
+
+    // Upstream 5xx with the default policy: the status passes through, nothing is charged.
+    for code in [500, 503] {
+        let r = call_with(&c, &app, &key, Method::GET, &format!("/v1/a/status/{code}")).await;
+        assert_eq!(r.status.as_u16(), code, "{}", r.body);
+        assert_eq!(r.body["upstream_status"], code, "{}", r.body);
+        assert_eq!(r.charged().as_deref(), Some("0"), "{:?}", r.headers);
+        assert_eq!(r.remaining().as_deref(), Some("10"), "{:?}", r.headers);
+    }
+    wait_total(&app, &account, "10").await;
+    // A 4xx is the caller's problem: charged.
+    let r = call_with(&c, &app, &key, Method::GET, "/v1/a/status/404").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.charged().as_deref(), Some("1"));
+    wait_total(&app, &account, "9").await;
+
+    // refund_on = []: the charge stays on a 5xx.
+    let r = call_with(&c, &app, &key, Method::GET, "/v1/b/status/500").await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.charged().as_deref(), Some("1"));
+    assert_eq!(r.remaining().as_deref(), Some("8"));
+
+    // Connection refused: 502 that says it was refunded.
+    let r = call_with(&c, &app, &key, Method::POST, "/v1/dead/x").await;
+    r.assert_error(502, "upstream_unavailable");
+    assert_eq!(r.body["refunded"], true, "{}", r.body);
+
+    // A timeout is not refunded by default, and is where the route asks for it.
+    let r = call_with(&c, &app, &key, Method::GET, "/v1/hung/x").await;
+    r.assert_error(504, "upstream_timeout");
+    assert_eq!(r.body["refunded"], false, "{}", r.body);
+    let r = call_with(&c, &app, &key, Method::GET, "/v1/hung-refunding/x").await;
+    r.assert_error(504, "upstream_timeout");
+    assert_eq!(r.body["refunded"], true, "{}", r.body);
+
+    // 10 - 1 (404) - 1 (refund_on = []) - 1 (unrefunded timeout).
+    wait_total(&app, &account, "7").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        balance(&app, &account).await,
+        ("7".to_string(), "0".to_string(), "7".to_string())
+    );
+}
+
+fn outage_config(upstream: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "up"
+url = "{upstream}"
+
+[[routes]]
+name = "open"
+path_prefix = "/v1/open"
+upstream = "up"
+cost = 1
+fail_mode = "open"
+
+[[routes]]
+name = "metered"
+path_prefix = "/v1"
+upstream = "up"
+cost = 1
+
+[tiers.basic]
+monthly_credits = 100
+"#
+    )
+}
+
+/// A metered request during the outage: 503 `metering_unavailable`, quickly, not forwarded.
+async fn assert_fails_closed(app: &crate::harness::App, key: &str, up: &FakeUpstream) {
+    let before = up.request_count();
+    let started = Instant::now();
+    let r = call_with(
+        &crate::harness::http_client_no_pool(),
+        app,
+        key,
+        Method::GET,
+        "/v1/metered",
+    )
+    .await;
+    let took = started.elapsed();
+    r.assert_error(503, "metering_unavailable");
+    assert!(took < Duration::from_secs(3), "the 503 took {took:?}");
+    assert_eq!(up.request_count(), before, "forwarded during the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_or_open_per_route_and_recovers() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let gate = RedisGate::start(env.redis_url()).await;
+    let app = env
+        .config()
+        .redis_url(gate.url())
+        .toml(outage_config(&up.url()))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    get_ok(&app, &key, "/v1/metered").await;
+    let r = get_ok(&app, &key, "/v1/open").await;
+    assert_eq!(
+        r.charged().as_deref(),
+        Some("1"),
+        "metered while Redis is up"
+    );
+    assert_eq!(total(&app, &account).await, "98");
+    let mut served_metered = 2;
+
+    for mode in [GateMode::Down, GateMode::Freeze] {
+        gate.set(mode);
+        assert_fails_closed(&app, &key, &up).await;
+        assert_fails_closed(&app, &key, &up).await;
+        let unmetered_before = metric(
+            &app,
+            "tollgate_unmetered_requests_total",
+            &[("route", "open")],
+        )
+        .await;
+        let before = up.request_count();
+        let r = get_ok(&app, &key, "/v1/open/x").await;
+        assert!(r.charged().is_none(), "{mode:?}: {:?}", r.headers);
+        assert_eq!(up.request_count(), before + 1);
+        wait_metric_at_least(
+            &app,
+            "tollgate_unmetered_requests_total",
+            &[("route", "open")],
+            unmetered_before + 1.0,
+        )
+        .await;
+
+        // Back: metered requests succeed again once the connection is re-established.
+        gate.set(GateMode::Up);
+        let client = http_client();
+        let ok = poll_until(Duration::from_secs(10), || async {
+            call_with(&client, &app, &key, Method::GET, "/v1/metered")
+                .await
+                .status
+                == 200
+        })
+        .await;
+        assert!(ok, "metering did not recover after {mode:?}");
+        served_metered += 1;
+    }
+    // Nothing was charged for the refused or unmetered requests.
+    assert_eq!(
+        total(&app, &account).await,
+        (100 - served_metered).to_string()
+    );
+    wait_metric_at_least(
+        &app,
+        "tollgate_redis_errors_total",
+        &[("script", "debit")],
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_scripts_are_reloaded_transparently() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let app = env.config().toml(outage_config(&up.url())).spawn().await;
+    let (account, key) = app.account_with_key("basic").await;
+    get_ok(&app, &key, "/v1/x").await;
+    let (status, body) = grant(&app, &account, serde_json::json!(1), "before").await;
+    assert_eq!(status, 201, "{body}");
+
+    let mut conn = env.redis().await;
+    let _: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Debit, refund (credit), grant (credit) and tier change scripts all still work.
+    let r = get_ok(&app, &key, "/v1/x").await;
+    assert_eq!(r.remaining().as_deref(), Some("99"));
+    let _: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = get(&app, &key, "/v1/status/500").await;
+    assert_eq!(r.status, 500);
+    wait_total(&app, &account, "99").await;
+    let (status, body) = grant(&app, &account, serde_json::json!(1), "after").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        balance(&app, &account).await,
+        ("98".to_string(), "2".to_string(), "100".to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_client_request_id_is_charged_refunded_and_leased_separately() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let app = env
+        .config()
+        .toml(format!(
+            r#"
+[[upstreams]]
+name = "up"
+url = "{}"
+
+[[routes]]
+name = "paid"
+path_prefix = "/v1"
+upstream = "up"
+cost = 1
+
+[tiers.pair]
+monthly_credits = 10
+max_concurrent = 2
+"#,
+            up.url()
+        ))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("pair").await;
+    let c = crate::harness::http_client_no_pool();
+    let send = |path: &str, request_id: &str| {
+        c.get(app.proxy_url(path))
+            .bearer_auth(&key)
+            .header("x-request-id", request_id)
+            .send()
+    };
+
+    // A client retrying with the same X-Request-Id: each failure is refunded.
+    for _ in 0..2 {
+        let resp = send("/v1/status/500", "retry-1").await.unwrap();
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers()["x-request-id"], "retry-1");
+        assert_eq!(resp.headers()["x-credits-charged"], "0");
+    }
+    wait_total(&app, &account, "10").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        total(&app, &account).await,
+        "10",
+        "the second failure was not refunded"
+    );
+
+    // Two requests in flight under one X-Request-Id hold two slots: a third is refused.
+    let slow = |request_id: &'static str| {
+        let (c, url, key) = (c.clone(), app.proxy_url("/v1/slow?ms=1500"), key.clone());
+        tokio::spawn(async move {
+            c.get(url)
+                .bearer_auth(key)
+                .header("x-request-id", request_id)
+                .send()
+                .await
+        })
+    };
+    let first = slow("dup");
+    let second = slow("dup");
+    up.wait_for_requests(4, Duration::from_secs(5)).await;
+    let third = send("/v1/x", "other").await.unwrap();
+    assert_eq!(
+        third.status(),
+        429,
+        "a third request in flight was let through"
+    );
+    for handle in [first, second] {
+        assert_eq!(handle.await.unwrap().unwrap().status(), 200);
+    }
+    wait_total(&app, &account, "8").await;
+    // Both slots come back.
+    let ok = poll_until(Duration::from_secs(3), || async {
+        let leases: i64 = redis::cmd("ZCARD")
+            .arg(crate::ledger_util::leases_key(&env, &account))
+            .query_async(&mut env.redis().await)
+            .await
+            .unwrap();
+        leases == 0
+    })
+    .await;
+    assert!(ok, "leases left after both requests ended");
+}
