@@ -47,6 +47,10 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Load-test a deployment over HTTP/1.1: open loop at a fixed `--rate` (latency from each
+    /// request's due time) or closed loop over `--connections`; prints HDR latency percentiles,
+    /// throughput and status counts (`--json` for machines).
+    Loadtest(Box<crate::loadtest::Args>),
 }
 
 #[derive(Subcommand)]
@@ -130,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&config)?;
             runtime(2)?.block_on(ledger_command(cfg, account, rebuild))
         }
+        Command::Loadtest(args) => Ok(crate::loadtest::run_cli(*args)?),
         Command::Serve { config, no_migrate } => {
             let cfg = Config::load(&config)?;
             let threads = cfg.server.threads;

@@ -91,9 +91,11 @@ pub async fn create(
             )));
         }
         if applied {
+            // The same answer as the first time (201), as idempotent APIs do; `duplicate`
+            // tells the two apart.
             let live = super::accounts::live_state(&state, &config, &account_id).await?;
             return Ok((
-                StatusCode::OK,
+                StatusCode::CREATED,
                 Json(grant_json(&account_id, &body, key, true, live)),
             ));
         }

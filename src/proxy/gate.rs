@@ -82,8 +82,8 @@ pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
         .map(|t| t.name.clone())
 }
 
-/// "MB" in limits and prices means MiB, as in nginx's client_max_body_size.
-pub const BYTES_PER_MB: u64 = 1_048_576;
+/// "MB" in limits means MiB, as in prices.
+pub use crate::pricing::BYTES_PER_MB;
 
 /// Runs every gate; the first that refuses answers.
 pub fn check(

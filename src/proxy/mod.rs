@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::config::{FailMode, Price, RouteConfig};
@@ -63,6 +64,8 @@ pub struct RequestCtx {
     /// Stable outcome label for metrics: `forwarded` or an error code.
     pub outcome: &'static str,
     pub counted_in_flight: bool,
+    /// The request's tracing span: every log line of the request carries its id and route.
+    pub span: tracing::Span,
 }
 
 /// A client-supplied request id is kept when it is short and printable; otherwise a fresh one.
@@ -173,6 +176,57 @@ impl Gateway {
         }
     }
 
+    /// Route, auth, gates and debit (the body of `request_filter`, inside the request's span).
+    async fn filter_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        let snap = self.state.snapshot.load_full();
+        ctx.snapshot = Some(Arc::clone(&snap));
+        self.state.metrics.in_flight.inc();
+        ctx.counted_in_flight = true;
+
+        if session
+            .req_header()
+            .uri
+            .path()
+            .starts_with(selfservice::PREFIX)
+        {
+            return self.self_service(session, ctx, &snap).await;
+        }
+        let req = session.req_header();
+        let Some(route) = snap.router.find(&req.method, req.uri.path()).cloned() else {
+            let err = GatewayError::RouteNotFound {
+                method: req.method.to_string(),
+                path: req.uri.path().to_string(),
+            };
+            return self.reject(session, ctx, err).await;
+        };
+        ctx.route = Some(Arc::clone(&route));
+        ctx.span.record("route", route.name.as_str());
+        if route.public {
+            // Not consumed, but a tollgate key must never reach an upstream.
+            ctx.credential_header = auth::credential(session)
+                .filter(|(_, token)| crate::auth::keys::looks_like_key(token))
+                .map(|(header, _)| header.name());
+            return Ok(false);
+        }
+
+        let (identity, header) = match auth::authenticate(&self.state, &snap, session).await {
+            Ok(found) => found,
+            Err(err) => return self.reject(session, ctx, err).await,
+        };
+        ctx.credential_header = Some(header.name());
+        ctx.span.record("account", identity.account_id.as_str());
+        let result = self.meter(session, ctx, &snap, &route, &identity).await;
+        ctx.identity = Some(identity);
+        match result {
+            Ok(()) => Ok(false),
+            Err(err) => self.reject(session, ctx, err).await,
+        }
+    }
+
     async fn reject(
         &self,
         session: &mut Session,
@@ -205,6 +259,7 @@ impl ProxyHttp for Gateway {
             body_bytes: 0,
             outcome: "forwarded",
             counted_in_flight: false,
+            span: tracing::Span::none(),
         }
     }
 
@@ -214,47 +269,15 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
-        let snap = self.state.snapshot.load_full();
-        ctx.snapshot = Some(Arc::clone(&snap));
-        self.state.metrics.in_flight.inc();
-        ctx.counted_in_flight = true;
-
-        if session
-            .req_header()
-            .uri
-            .path()
-            .starts_with(selfservice::PREFIX)
-        {
-            return self.self_service(session, ctx, &snap).await;
-        }
-        let req = session.req_header();
-        let Some(route) = snap.router.find(&req.method, req.uri.path()).cloned() else {
-            let err = GatewayError::RouteNotFound {
-                method: req.method.to_string(),
-                path: req.uri.path().to_string(),
-            };
-            return self.reject(session, ctx, err).await;
-        };
-        ctx.route = Some(Arc::clone(&route));
-        if route.public {
-            // Not consumed, but a tollgate key must never reach an upstream.
-            ctx.credential_header = auth::credential(session)
-                .filter(|(_, token)| crate::auth::keys::looks_like_key(token))
-                .map(|(header, _)| header.name());
-            return Ok(false);
-        }
-
-        let (identity, header) = match auth::authenticate(&self.state, &snap, session).await {
-            Ok(found) => found,
-            Err(err) => return self.reject(session, ctx, err).await,
-        };
-        ctx.credential_header = Some(header.name());
-        let result = self.meter(session, ctx, &snap, &route, &identity).await;
-        ctx.identity = Some(identity);
-        match result {
-            Ok(()) => Ok(false),
-            Err(err) => self.reject(session, ctx, err).await,
-        }
+        ctx.span = tracing::info_span!(
+            "request",
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            route = tracing::field::Empty,
+            account = tracing::field::Empty,
+        );
+        let span = ctx.span.clone();
+        self.filter_request(session, ctx).instrument(span).await
     }
 
     async fn request_body_filter(
@@ -439,9 +462,12 @@ impl ProxyHttp for Gateway {
                     &ctx.request_id,
                     settle::Failure::Upstream5xx,
                 )
+                .instrument(ctx.span.clone())
                 .await;
             }
-            settle::release(&self.state, charge, &ctx.request_id).await;
+            settle::release(&self.state, charge, &ctx.request_id)
+                .instrument(ctx.span.clone())
+                .await;
         }
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         if let Some(started) = ctx.upstream_started {
@@ -461,6 +487,7 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[route, outcome])
             .inc();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let _in_span = ctx.span.enter();
         tracing::debug!(
             request_id = %ctx.request_id,
             route,

@@ -45,3 +45,7 @@ mod stripe_reports;
 mod stripe_subscriptions;
 mod stripe_util;
 mod stripe_webhooks;
+
+mod loadtest;
+mod openapi;
+mod tls_upstream;
