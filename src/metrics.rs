@@ -12,6 +12,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Time from sending the request upstream to the end of its response, by route.
     pub upstream_seconds: HistogramVec,
+    /// Time spent in tollgate itself per request (total minus waiting on the upstream), by
+    /// route: what metering costs in production.
+    pub overhead_seconds: HistogramVec,
     /// Authentication failures by reason.
     pub auth_failures: IntCounterVec,
     /// Credits debited (micro-credits) by route and tier.
@@ -123,6 +126,16 @@ impl Metrics {
                 "Upstream response time",
                 &["route"],
                 upstream_buckets,
+            )?,
+            overhead_seconds: histogram(
+                &r,
+                "tollgate_overhead_seconds",
+                "Time in tollgate per request, excluding the wait on the upstream",
+                &["route"],
+                vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 1.0,
+                ],
             )?,
             auth_failures: counter(
                 &r,

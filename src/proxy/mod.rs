@@ -52,6 +52,8 @@ pub struct RequestCtx {
     /// Header that carried the credential, removed before forwarding.
     pub credential_header: Option<&'static str>,
     pub upstream_started: Option<Instant>,
+    /// When the upstream's response ended (its last body byte arrived).
+    pub upstream_done: Option<Instant>,
     /// What the debit took; `None` on public, unmetered or refused requests.
     pub charge: Option<debit::Charge>,
     /// The charge was refunded (or the policy decided it will be) — never twice.
@@ -252,6 +254,7 @@ impl ProxyHttp for Gateway {
             identity: None,
             credential_header: None,
             upstream_started: None,
+            upstream_done: None,
             charge: None,
             refunded: false,
             upstream_status: None,
@@ -326,6 +329,19 @@ impl ProxyHttp for Gateway {
             ctx.credential_header,
             &ctx.request_id,
         )
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        if end_of_stream {
+            ctx.upstream_done = Some(Instant::now());
+        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -470,13 +486,29 @@ impl ProxyHttp for Gateway {
                 .await;
         }
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
-        if let Some(started) = ctx.upstream_started {
+        let total = ctx.started.elapsed();
+        let upstream_wait = ctx.upstream_started.map(|started| {
+            ctx.upstream_done.map_or_else(
+                || started.elapsed(),
+                |done| done.saturating_duration_since(started),
+            )
+        });
+        if let Some(wait) = upstream_wait {
             self.state
                 .metrics
                 .upstream_seconds
                 .with_label_values(&[route])
-                .observe(started.elapsed().as_secs_f64());
+                .observe(wait.as_secs_f64());
         }
+        self.state
+            .metrics
+            .overhead_seconds
+            .with_label_values(&[route])
+            .observe(
+                total
+                    .saturating_sub(upstream_wait.unwrap_or_default())
+                    .as_secs_f64(),
+            );
         let outcome = match (e, ctx.outcome) {
             (Some(_), "forwarded") => "client_error",
             (_, outcome) => outcome,

@@ -104,4 +104,15 @@ async fn request_and_auth_failure_counters() {
         text.contains("# TYPE tollgate_requests_total counter"),
         "{text}"
     );
+    // Every request records tollgate's own share of its time, by route.
+    assert!(
+        text.contains("# TYPE tollgate_overhead_seconds histogram"),
+        "{text}"
+    );
+    let observed = text
+        .lines()
+        .filter(|l| l.starts_with("tollgate_overhead_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(observed >= 1.0, "no overhead observations:\n{text}");
 }
