@@ -300,20 +300,61 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     Some(total)
 }
 
-/// CPU seconds (user + system) of every Postgres process visible here (the postmaster, its
-/// background workers and the backends serving tollgate's pool).
-pub fn postgres_cpu_s() -> f64 {
+/// CPU seconds (user + system) of the Postgres processes working for this benchmark: the
+/// backends connected to its database and the shared background processes (WAL writer,
+/// checkpointer, …), not the backends of other databases (other test runs on the same server).
+pub fn postgres_cpu_s(db_name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == "postgres")
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim_end() != "postgres" {
+                return false;
+            }
+            // A backend's title is "postgres: CLUSTER: USER DB HOST(PORT) STATE".
+            let title = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            let backend = title.contains('(') || title.contains("[local]");
+            !backend || title.contains(db_name)
         })
         .filter_map(process_cpu_s_own)
         .sum()
+}
+
+/// CPU seconds the whole machine spent busy (/proc/stat).
+pub fn machine_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: everything but idle, iowait and steal
+    // (a process's system time may include the softirq work of its own sockets).
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    (at(0) + at(1) + at(2) + at(5) + at(6)) / 100.0
+}
+
+/// CPU seconds of this process (the stub's thread included) and of its waited-for children (the
+/// load generator runs).
+pub fn self_and_children_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime stime cutime cstime.
+    (11..=14)
+        .filter_map(|i| f.get(i)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 100.0
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@
 //!
 //! Environment: `TOLLGATE_TEST_PG_URL` (a Postgres URL allowed to CREATE/DROP DATABASE; default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `TOLLGATE_TEST_REDIS_URL` (default
-//! `redis://127.0.0.1:6379`); `nginx` on PATH (or in /usr/sbin), else its row is skipped.
+//! `redis://127.0.0.1:6379`); `nginx` on PATH (or in /usr/sbin), else its row is skipped
+//! (`TOLLGATE_BENCH_NGINX` names another binary, or `none` to skip it).
 
 // A benchmark harness should stop loudly: a broken setup is a panic with the reason, not a number.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -323,6 +324,7 @@ struct Bench<'a> {
     plan: &'a Plan,
     key: &'a str,
     redis_url: &'a str,
+    db_name: &'a str,
     /// tollgate's metrics listener.
     metrics: SocketAddr,
     /// Requests the stub answered so far.
@@ -337,6 +339,8 @@ struct Snapshot {
     tollgate_cpu: Option<f64>,
     nginx_cpu: Option<f64>,
     postgres_cpu: f64,
+    machine: f64,
+    ours: f64,
     redis: env::RedisStats,
     metrics: Option<env::Scrape>,
 }
@@ -347,7 +351,7 @@ impl Bench<'_> {
     fn busy_cpu_s(&self) -> f64 {
         env::process_cpu_s(self.tollgate_pid).unwrap_or(0.0)
             + self.nginx_pid.and_then(env::process_cpu_s).unwrap_or(0.0)
-            + env::postgres_cpu_s()
+            + env::postgres_cpu_s(self.db_name)
             + self
                 .rt
                 .block_on(env::RedisStats::fetch(self.redis_url))
@@ -391,7 +395,9 @@ impl Bench<'_> {
             upstream: self.served.load(Ordering::Relaxed),
             tollgate_cpu: env::process_cpu_s(self.tollgate_pid),
             nginx_cpu: self.nginx_pid.and_then(env::process_cpu_s),
-            postgres_cpu: env::postgres_cpu_s(),
+            postgres_cpu: env::postgres_cpu_s(self.db_name),
+            machine: env::machine_busy_s(),
+            ours: env::self_and_children_cpu_s(),
             redis: self.rt.block_on(env::RedisStats::fetch(self.redis_url)),
             metrics: via_tollgate.then(|| {
                 self.rt
@@ -399,7 +405,9 @@ impl Bench<'_> {
             }),
         };
         let before = snapshot();
+        let wall = Instant::now();
         let report = load::run(self.bin, &spec);
+        let wall_s = wall.elapsed().as_secs_f64();
         let after = snapshot();
         let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
         // The route is the path's first segment (`/metered/…` → `metered`).
@@ -430,7 +438,15 @@ impl Bench<'_> {
             tollgate_cpu_s: delta(before.tollgate_cpu, after.tollgate_cpu),
             nginx_cpu_s: delta(before.nginx_cpu, after.nginx_cpu),
             postgres_cpu_s: after.postgres_cpu - before.postgres_cpu,
+            // What else ran: the machine's busy time minus every process of the benchmark.
+            foreign_cpu_s: (after.machine - before.machine)
+                - (after.ours - before.ours)
+                - delta(before.tollgate_cpu, after.tollgate_cpu).unwrap_or(0.0)
+                - delta(before.nginx_cpu, after.nginx_cpu).unwrap_or(0.0)
+                - (after.postgres_cpu - before.postgres_cpu)
+                - (after.redis.cpu_s - before.redis.cpu_s),
             settle_s,
+            wall_s,
             metrics: match (&before.metrics, &after.metrics) {
                 (Some(b), Some(a)) => Some(b.delta(a, route)),
                 _ => None,
@@ -529,6 +545,7 @@ fn main() {
         plan: &plan,
         key: &key,
         redis_url: &resources.redis_url,
+        db_name: &resources.db_name,
         metrics: tollgate.metrics,
         served: &served,
         tollgate_pid: tollgate.proc.pid(),
@@ -572,12 +589,18 @@ fn main() {
     }
     drop(nginx);
 
-    let summary = report::Summary::build(&plan, &runs, passthrough, &rates, nginx_addr.is_some());
+    let nginx_missing = match (&nginx_bin, nginx_addr) {
+        (None, _) => Some("nginx not found"),
+        (Some(_), None) => Some("nginx did not start"),
+        (Some(_), Some(_)) => None,
+    };
+    let summary = report::Summary::build(&plan, &runs, passthrough, &rates, nginx_missing);
     print!("{}", summary.markdown());
     let machine = report::machine(nginx_bin.as_deref());
     let out = json!({
         "benchmark": "overhead",
         "mode": if plan.quick { "quick" } else { "full" },
+        "optimized": !cfg!(debug_assertions),
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

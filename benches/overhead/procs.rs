@@ -227,8 +227,12 @@ fn parse_listening(line: &str) -> Option<[SocketAddr; 3]> {
 // ---------------------------------------------------------------------------------------------
 // nginx
 
-/// `nginx` on PATH or in the sbin directories a non-root PATH often lacks.
+/// `TOLLGATE_BENCH_NGINX` (a path, or `none` to skip the row), else `nginx` on PATH or in the
+/// sbin directories a non-root PATH often lacks.
 pub fn find_nginx() -> Option<PathBuf> {
+    if let Some(chosen) = std::env::var_os("TOLLGATE_BENCH_NGINX").filter(|v| !v.is_empty()) {
+        return (chosen != "none").then(|| PathBuf::from(chosen));
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))

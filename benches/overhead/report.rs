@@ -33,6 +33,11 @@ pub struct Run {
     pub postgres_cpu_s: f64,
     /// Seconds waited before the run for the previous one's leftovers to drain.
     pub settle_s: f64,
+    /// CPU seconds used during the run by processes that are not the benchmark's (other work on
+    /// the machine; also kernel threads): a noise indicator.
+    pub foreign_cpu_s: f64,
+    /// Wall-clock seconds of the run (the load generator's whole life).
+    pub wall_s: f64,
     /// tollgate targets: what its own metrics counted over the run (see `Scrape::delta`).
     pub metrics: Option<Value>,
 }
@@ -91,6 +96,8 @@ impl Run {
             "nginx_cpu_s": self.nginx_cpu_s.map(round3),
             "postgres_cpu_s": round3(self.postgres_cpu_s),
             "settle_s": round3(self.settle_s),
+            "wall_s": round3(self.wall_s),
+            "foreign_cpu_s": round3(self.foreign_cpu_s),
             "tollgate_metrics": self.metrics,
             "loadtest": self.report,
         })
@@ -218,6 +225,8 @@ pub struct Summary {
     calls_per_metered: Option<f64>,
     metered_calls: u64,
     metered_requests: f64,
+    /// Share of the machine's CPU that other processes used during the runs (0..1).
+    foreign_share: f64,
 }
 
 impl Summary {
@@ -226,7 +235,8 @@ impl Summary {
         runs: &[Run],
         passthrough: f64,
         rates: &[f64],
-        nginx: bool,
+        // Why there is no nginx row, if there is none.
+        nginx_missing: Option<&'static str>,
     ) -> Summary {
         let mid = plan
             .fractions
@@ -238,7 +248,7 @@ impl Summary {
             .map(|t| {
                 let missing = match (t.pending, t.via) {
                     (Some(why), _) => Some(Missing::Pending(why)),
-                    (None, Via::Nginx) if !nginx => Some(Missing::Skipped("nginx not found")),
+                    (None, Via::Nginx) => nginx_missing.map(Missing::Skipped),
                     _ => None,
                 };
                 let mine: Vec<&Run> = runs.iter().filter(|r| r.target == t.name).collect();
@@ -332,6 +342,16 @@ impl Summary {
                 .then(|| metered_calls as f64 / metered_requests),
             metered_calls,
             metered_requests,
+            foreign_share: {
+                let wall: f64 = runs.iter().map(|r| r.wall_s).sum();
+                let foreign: f64 = runs.iter().map(|r| r.foreign_cpu_s.max(0.0)).sum();
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                if wall > 0.0 {
+                    foreign / (wall * cores)
+                } else {
+                    0.0
+                }
+            },
         }
     }
 
@@ -372,6 +392,12 @@ impl Summary {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if cfg!(debug_assertions) {
+            let _ = writeln!(
+                s,
+                "**Unoptimized build** (`--profile dev`): a smoke test of the setup; these numbers mean nothing.\n"
+            );
+        }
         let _ = writeln!(
             s,
             "| target | rps at saturation | vs public | vs nginx | p50 @ {mid_pct} | p99 @ {mid_pct} | p99.9 @ {mid_pct} | added p50 vs public | added p99 vs public |"
@@ -495,7 +521,7 @@ impl Summary {
         };
         let _ = writeln!(
             s,
-            "- Time inside tollgate per request at {light} (its `tollgate_overhead_seconds`, mean): public {}, metered {} (of which the Redis debit round trip: {debit}), SSE {}.",
+            "- Time inside tollgate per request at {light}, mean of its `tollgate_overhead_seconds`: public {}, metered {} (of which the Redis debit round trip: {debit}), SSE {}.",
             own("public"),
             own("metered"),
             own("sse"),
@@ -505,7 +531,7 @@ impl Summary {
         };
         let _ = writeln!(
             s,
-            "- CPU time per request at {light} (/proc, Redis `INFO cpu`): nginx {}; tollgate public {}, metered {} + Redis {} (of which {} running the debit script) + Postgres {} (the journal), SSE {} + Redis {} + Postgres {}.",
+            "- CPU time per request at {light}, from /proc and Redis `INFO cpu`: nginx {}; tollgate public {}, metered {} + Redis {} (of which {} running the debit script) + Postgres {} (the journal), SSE {} + Redis {} + Postgres {}.",
             cpu("nginx", |r| r.proxy_cpu_us),
             cpu("public", |r| r.proxy_cpu_us),
             cpu("metered", |r| r.proxy_cpu_us),
@@ -525,6 +551,16 @@ impl Summary {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "- Other work on the machine during the runs: {:.0} % of its CPU{}.",
+            self.foreign_share * 100.0,
+            if self.foreign_share > 0.1 {
+                " — the numbers are noisy; rerun on a quiet machine"
+            } else {
+                ""
+            }
+        );
         let failed: Vec<String> = self
             .rows
             .iter()
@@ -614,6 +650,7 @@ impl Summary {
             .collect();
         json!({
             "passthrough_saturation_rps": self.passthrough,
+            "foreign_cpu_share": round3(self.foreign_share),
             // tollgate_mean_*_us and cpu_us_per_request are measured at this fraction.
             "light_load_fraction": self.plan.fractions.first(),
             "rates": self.rates,
