@@ -60,6 +60,9 @@ pub enum GatewayError {
     #[error("metering is unavailable; the request was not forwarded")]
     MeteringUnavailable,
 
+    #[error("{}", model_note(.model.as_deref()))]
+    ModelNotPriced { model: Option<String> },
+
     #[error("the upstream could not be reached{}", refund_note(*.refunded))]
     UpstreamUnavailable { refunded: bool },
 
@@ -68,6 +71,13 @@ pub enum GatewayError {
 
     #[error("internal error")]
     Internal,
+}
+
+fn model_note(model: Option<&str>) -> String {
+    match model {
+        Some(m) => format!("model {m:?} has no price on this route"),
+        None => "this route prices by model: name one in the JSON body's \"model\"".to_string(),
+    }
 }
 
 fn refund_note(refunded: bool) -> &'static str {
@@ -90,6 +100,7 @@ impl GatewayError {
             | GatewayError::ConcurrencyLimited { .. } => 429,
             GatewayError::PayloadTooLarge { .. } => 413,
             GatewayError::MeteringUnavailable => 503,
+            GatewayError::ModelNotPriced { .. } => 400,
             GatewayError::UpstreamUnavailable { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::Internal => 500,
@@ -109,6 +120,7 @@ impl GatewayError {
             GatewayError::ConcurrencyLimited { .. } => "rate_limited",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::MeteringUnavailable => "metering_unavailable",
+            GatewayError::ModelNotPriced { .. } => "model_not_priced",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::Internal => "internal_error",
@@ -168,6 +180,9 @@ impl GatewayError {
             }
             GatewayError::AccountInactive { status } => {
                 body.insert("status".into(), json!(status));
+            }
+            GatewayError::ModelNotPriced { model } => {
+                body.insert("model".into(), json!(model));
             }
             _ => {}
         }

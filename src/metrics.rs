@@ -39,6 +39,14 @@ pub struct Metrics {
     pub journal_backlog: IntGauge,
     /// Flusher failures by cause (postgres, redis, bad_entry).
     pub journal_errors: IntCounterVec,
+    /// Holds settled, by the rule that priced them (usage, no_usage, refund reasons, ...).
+    pub settles: IntCounterVec,
+    /// Micro-credits moved by settles: `extra` charged beyond the hold, `back` returned.
+    pub credits_settled_micros: IntCounterVec,
+    /// Holds found expired (their instance stopped) and settled at what they held.
+    pub holds_expired: IntCounter,
+    /// Streams and sessions ended because the balance ran out, by kind (sse, websocket, other).
+    pub streams_cut: IntCounterVec,
 }
 
 fn counter(
@@ -110,6 +118,32 @@ impl Metrics {
                 "tollgate_journal_flush_errors_total",
                 "Journal flusher failures by cause",
                 &["cause"],
+            )?,
+            settles: counter(
+                &r,
+                "tollgate_settles_total",
+                "Holds settled, by the rule that priced them",
+                &["reason"],
+            )?,
+            credits_settled_micros: counter(
+                &r,
+                "tollgate_credits_settled_micros_total",
+                "Micro-credits moved by settles (extra charged, or back to the account)",
+                &["direction"],
+            )?,
+            holds_expired: {
+                let c = IntCounter::new(
+                    "tollgate_holds_expired_total",
+                    "Holds found expired and settled at what they held",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            streams_cut: counter(
+                &r,
+                "tollgate_streams_cut_total",
+                "Streams and sessions ended because the balance ran out",
+                &["kind"],
             )?,
             journal_flushed,
             journal_batch_seconds,

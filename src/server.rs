@@ -185,6 +185,25 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     };
     let flusher_task = tokio::spawn(flusher.run(journal_stop.clone()));
 
+    // Every instance sweeps expired holds (their instance died before settling); the settle
+    // script removes a hold atomically, so sweepers never settle one twice.
+    let sweep_every = Duration::from_secs((config.redis.lease_ttl_seconds / 4).clamp(1, 10));
+    let sweep_state = Arc::clone(&state);
+    let sweep_stop = stop.clone();
+    background.spawn(async move {
+        let mut conn = sweep_state.redis.clone();
+        loop {
+            tokio::select! {
+                _ = sweep_stop.cancelled() => return,
+                _ = tokio::time::sleep(sweep_every) => {}
+            }
+            match sweep_state.ledger.sweep_expired(&mut conn).await {
+                Ok(n) => sweep_state.metrics.holds_expired.inc_by(n),
+                Err(e) => tracing::warn!(error = %e, "could not sweep expired holds"),
+            }
+        }
+    });
+
     let admin_app = crate::admin::router(Arc::clone(&state));
     let admin_stop = stop.clone();
     background.spawn(async move {

@@ -152,6 +152,7 @@ pub struct RouteConfig {
     pub refund_on: Vec<RefundOn>,
     pub public: bool,
     pub fail_mode: FailMode,
+    pub cap_max_tokens: bool,
 }
 
 impl RouteConfig {

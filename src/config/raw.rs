@@ -318,12 +318,16 @@ pub struct Route {
     pub public: bool,
     #[serde(default)]
     pub fail_mode: FailMode,
+    /// Lower the request's `max_tokens` to what the caller's balance can pay for.
+    #[serde(default)]
+    pub cap_max_tokens: bool,
 }
 
 fn default_refund_on() -> Vec<RefundOn> {
     vec![RefundOn::ConnectError, RefundOn::Status5xx]
 }
 
+/// A metered route's prices (instead of a fixed `cost`). See README "Pricing AI routes".
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pricing {
@@ -337,6 +341,39 @@ pub struct Pricing {
     pub per_mb_request_body: Option<Credits>,
     #[serde(default)]
     pub per_minute: Option<Credits>,
+    /// Credits held when the request is admitted, until the response says what it cost.
+    #[serde(default)]
+    pub reserve: Option<Credits>,
+    /// Hold the estimate for the request's `max_tokens` when it is larger than `reserve`.
+    #[serde(default)]
+    pub reserve_from_max_tokens: bool,
+    /// Ask OpenAI-style upstreams for usage on streams (`stream_options.include_usage`).
+    #[serde(default = "yes")]
+    pub include_usage: bool,
+    /// Length of a billed duration step: `per_minute` is charged per started step, prorated
+    /// (`per_minute × tick_seconds / 60`). Default 60: per started minute.
+    #[serde(default)]
+    pub tick_seconds: Option<u64>,
+    /// Prices per model (the request's JSON `model`); a name ending in `*` is a prefix. An
+    /// entry overrides the route's prices it sets.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One model's prices in a route's `pricing.models`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    #[serde(default)]
+    pub per_request: Option<Credits>,
+    #[serde(default)]
+    pub input_per_1k_tokens: Option<Credits>,
+    #[serde(default)]
+    pub output_per_1k_tokens: Option<Credits>,
     #[serde(default)]
     pub reserve: Option<Credits>,
 }

@@ -503,16 +503,23 @@ pub(super) fn validate(
             }
             (None, Some(pr)) => {
                 validate_pricing(pr, &format!("{f}.pricing"), &mut p);
-                // Token, size and duration metering need the settle path; until it exists a
-                // priced route would be charged wrongly, so it is refused rather than guessed.
-                p.add(
-                    format!("{f}.pricing"),
-                    "token/size/duration pricing is not available in this version; use cost",
-                );
                 Some(Price::Metered(pr.clone()))
             }
             (None, None) => None,
         };
+        if r.cap_max_tokens {
+            let output_priced = r.pricing.as_ref().is_some_and(|pr| {
+                pr.output_per_1k_tokens.is_some()
+                    || (!pr.models.is_empty()
+                        && pr.models.values().all(|m| m.output_per_1k_tokens.is_some()))
+            });
+            if !output_priced {
+                p.add(
+                    format!("{f}.cap_max_tokens"),
+                    "needs pricing.output_per_1k_tokens (on the route or on every model)",
+                );
+            }
+        }
         if r.public {
             if price.is_some() || r.feature.is_some() {
                 p.add(
@@ -553,6 +560,7 @@ pub(super) fn validate(
             refund_on: r.refund_on.clone(),
             public: r.public,
             fail_mode: r.fail_mode,
+            cap_max_tokens: r.cap_max_tokens,
         }));
     }
 
@@ -706,11 +714,67 @@ fn validate_pricing(pr: &raw::Pricing, f: &str, p: &mut Problems) {
             p.add(format!("{f}.{name}"), "must not be negative");
         }
     }
-    if fields[..5].iter().all(|(_, v)| v.is_none()) {
+    if fields[..5].iter().all(|(_, v)| v.is_none()) && pr.models.is_empty() {
         p.add(
             f,
             "set at least one price (per_request, input_per_1k_tokens, ...)",
         );
+    }
+    for (name, m) in &pr.models {
+        let mf = format!("{f}.models.{name:?}");
+        let star = name.find('*');
+        if name.is_empty() || star.is_some_and(|i| i + 1 != name.len()) {
+            p.add(&mf, "a model name is exact, or a prefix ending in one `*`");
+        }
+        let own = [
+            ("per_request", m.per_request),
+            ("input_per_1k_tokens", m.input_per_1k_tokens),
+            ("output_per_1k_tokens", m.output_per_1k_tokens),
+            ("reserve", m.reserve),
+        ];
+        for (field, v) in own {
+            if v.is_some_and(Credits::is_negative) {
+                p.add(format!("{mf}.{field}"), "must not be negative");
+            }
+        }
+        if own.iter().all(|(_, v)| v.is_none()) {
+            p.add(&mf, "set at least one price for this model");
+        }
+        if pr.reserve.is_none() && m.reserve.is_none() {
+            p.add(
+                format!("{mf}.reserve"),
+                "set reserve (here or on the route): the credits held until the response reports its tokens",
+            );
+        }
+    }
+    let by_tokens = pr.input_per_1k_tokens.is_some() || pr.output_per_1k_tokens.is_some();
+    if by_tokens && pr.reserve.is_none() {
+        p.add(
+            format!("{f}.reserve"),
+            "set reserve: the credits held until the response reports its tokens",
+        );
+    }
+    if pr.reserve == Some(Credits::ZERO) && (by_tokens || !pr.models.is_empty()) {
+        p.add(
+            format!("{f}.reserve"),
+            "must be more than 0 on a token-priced route (a stream would start with nothing held)",
+        );
+    }
+    if pr.reserve_from_max_tokens && pr.output_per_1k_tokens.is_none() && pr.models.is_empty() {
+        p.add(
+            format!("{f}.reserve_from_max_tokens"),
+            "needs an output_per_1k_tokens price to estimate from",
+        );
+    }
+    match pr.tick_seconds {
+        Some(t) if pr.per_minute.is_none() => {
+            let _ = t;
+            p.add(format!("{f}.tick_seconds"), "only applies with per_minute");
+        }
+        Some(t) if !(1..=3600).contains(&t) => {
+            p.add(format!("{f}.tick_seconds"), "must be 1 to 3600 seconds");
+        }
+        _ => {}
     }
 }
 

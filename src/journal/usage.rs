@@ -71,7 +71,7 @@ pub async fn usage(
                 COALESCE(sum(tokens_out), 0)::BIGINT
            FROM ledger_entries
           WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
-            AND kind IN ('debit', 'refund', 'settle')
+            AND kind IN ('debit', 'refund', 'settle', 'extend')
           GROUP BY 1 ORDER BY 1"
     );
     let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)

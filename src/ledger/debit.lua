@@ -1,12 +1,18 @@
 -- debit: the hot path, one call per metered request, atomic on one hash slot.
--- KEYS: 1 account hash, 2 shard usage stream, 3 account lease zset
+-- KEYS: 1 account hash, 2 shard usage stream, 3 account lease zset, 4 shard holds zset,
+--       5 shard hold records hash (4 and 5 are used only when ARGV[17] asks for a hold)
 -- ARGV: 1 account id, 2 expected tier, 3 monthly credits (µc, -1 = unlimited), 4 cost (µc),
 --       5 now (unix ms), 6 request id, 7 route, 8 action,
 --       9 requests/hour, 10 requests/month, 11 action/hour, 12 action/month (0 = no limit),
 --       13 max concurrent (0 = no limit), 14 lease ttl (ms), 15 charge id (unique per debit,
 --       minted by tollgate: the journal entry ids and the lease member derive from it, never
 --       from the client-supplied request id, which a client may repeat)
--- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end}
+--       17 hold ttl (ms; 0 = a plain debit, no hold): the amount taken is held for
+--          settle.lua, and settled at itself by whichever instance finds the hold expired
+--       18 wanted (µc; holds only): take up to this much when the balance has it, but at
+--          least ARGV[4] (which alone decides admission); -1 = all that is available
+-- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end,
+--         taken (µc: the amount debited and journaled; nominal on unlimited tiers)}
 --        {1}                                 account not in Redis: hydrate and retry
 --        {2, allowance, purchased}           insufficient credits
 --        {3, quota_name, limit, retry_after_s}
@@ -29,6 +35,10 @@ local act_hour, act_month = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_conc, lease_ttl = tonumber(ARGV[13]), tonumber(ARGV[14])
 local charge_id = ARGV[15]
 local deadline = tonumber(ARGV[16] or '0')
+local hold_ttl = tonumber(ARGV[17] or '0')
+-- Integers as exact text: Lua would print 10^15 as 1e+15, which HINCRBY refuses.
+local function int(n) return string.format('%d', n) end
+local wanted = tonumber(ARGV[18] or '0')
 
 -- A call that waited in a busy Redis past the caller's timeout must not charge: the caller
 -- has already answered 503 (or forwarded unmetered) and will never refund it.
@@ -85,12 +95,17 @@ local from_allow, from_purch = 0, 0
 -- A frozen allowance counts as zero (also on unlimited tiers); replies report it so.
 local usable = allowance
 if frozen then usable = 0 end
+local take = cost
 if monthly >= 0 or frozen then
   if usable + purchased < cost then return {2, usable, purchased} end
-  from_allow = math.min(math.max(usable, 0), cost)
-  from_purch = cost - from_allow
-  if from_allow ~= 0 then allowance = redis.call('HINCRBY', acct, 'allowance', -from_allow) end
-  if from_purch ~= 0 then purchased = redis.call('HINCRBY', acct, 'purchased', -from_purch) end
+  if hold_ttl > 0 then
+    local avail = math.max(usable + purchased, cost)
+    if wanted < 0 then take = avail elseif wanted > cost then take = math.min(wanted, avail) end
+  end
+  from_allow = math.min(math.max(usable, 0), take)
+  from_purch = take - from_allow
+  if from_allow ~= 0 then allowance = redis.call('HINCRBY', acct, 'allowance', int(-from_allow)) end
+  if from_purch ~= 0 then purchased = redis.call('HINCRBY', acct, 'purchased', int(-from_purch)) end
 end
 
 redis.call('HSET', acct, 'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
@@ -99,9 +114,18 @@ if max_conc > 0 then
   redis.call('ZADD', leases, now_ms + lease_ttl, charge_id)
   redis.call('PEXPIRE', leases, lease_ttl)
 end
+if hold_ttl > 0 then
+  -- acct|held|from_allow|from_purch|unlimited|extensions|route|action|tier|request id (last:
+  -- the only part that may contain '|')
+  local unl = 0
+  if monthly < 0 and not frozen then unl = 1 end
+  redis.call('HSET', KEYS[5], charge_id, table.concat({account_id, int(take), int(from_allow),
+    int(from_purch), unl, 0, route, action, tier, req_id}, '|'))
+  redis.call('ZADD', KEYS[4], now_ms + hold_ttl, charge_id)
+end
 redis.call('XADD', stream, '*',
-  'id', charge_id .. ':debit', 'acct', account_id, 'kind', 'debit', 'amount', cost,
-  'd_allow', -from_allow, 'd_purch', -from_purch, 'allow', allowance, 'purch', purchased,
+  'id', charge_id .. ':debit', 'acct', account_id, 'kind', 'debit', 'amount', int(take),
+  'd_allow', int(-from_allow), 'd_purch', int(-from_purch), 'allow', int(allowance), 'purch', int(purchased),
   'route', route, 'action', action, 'req', req_id, 'tier', tier, 'ts', now_ms)
 if frozen then allowance = 0 end
-return {0, from_allow, from_purch, allowance, purchased, period_end}
+return {0, from_allow, from_purch, allowance, purchased, period_end, take}

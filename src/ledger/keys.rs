@@ -22,6 +22,16 @@ pub fn stream(prefix: &str, shard: u32) -> String {
     format!("{}:usage", shard_tag(prefix, shard))
 }
 
+/// A shard's open holds, by expiry (swept by every instance).
+pub fn holds(prefix: &str, shard: u32) -> String {
+    format!("{}:holds", shard_tag(prefix, shard))
+}
+
+/// A shard's hold records (what each hold took, and from where).
+pub fn hold_data(prefix: &str, shard: u32) -> String {
+    format!("{}:holddata", shard_tag(prefix, shard))
+}
+
 /// Keys of one account.
 #[derive(Debug, Clone)]
 pub struct AccountKeys {
@@ -32,6 +42,10 @@ pub struct AccountKeys {
     pub stream: String,
     /// Sorted set of in-flight request leases (score = expiry, ms).
     pub leases: String,
+    /// The shard's open holds (reserve-then-settle): sorted set, score = expiry (ms).
+    pub holds: String,
+    /// The shard's hold records: hash, field = charge id.
+    pub hold_data: String,
 }
 
 impl AccountKeys {
@@ -43,6 +57,8 @@ impl AccountKeys {
             account: format!("{tag}:acct:{account_id}"),
             stream: format!("{tag}:usage"),
             leases: format!("{tag}:leases:{account_id}"),
+            holds: holds(prefix, shard),
+            hold_data: hold_data(prefix, shard),
         }
     }
 
@@ -71,7 +87,14 @@ mod tests {
     fn all_keys_of_an_account_share_one_hash_tag() {
         let k = AccountKeys::new("tg", 64, "acme");
         let tag = shard_tag("tg", k.shard);
-        for key in [&k.account, &k.stream, &k.leases, &k.seen("grant:x")] {
+        for key in [
+            &k.account,
+            &k.stream,
+            &k.leases,
+            &k.holds,
+            &k.hold_data,
+            &k.seen("grant:x"),
+        ] {
             assert!(key.starts_with(&tag), "{key}");
         }
     }

@@ -5,6 +5,7 @@
 //! rolling deploy.
 
 pub mod billing;
+pub mod holds;
 pub mod hydrate;
 pub mod keys;
 
@@ -17,6 +18,7 @@ use crate::money::Credits;
 pub use keys::AccountKeys;
 
 const PERIOD_LUA: &str = include_str!("period.lua");
+const HOLD_LUA: &str = include_str!("hold.lua");
 
 /// Why a ledger call failed (all map to "metering unavailable" on the request path).
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,10 @@ pub struct DebitRequest<'a> {
     /// Past this instant in Redis's clock (unix ms) the script refuses to charge: the caller
     /// will have timed out. 0 = no deadline.
     pub deadline_ms: i64,
+    /// Hold what is taken until settle (ms it lives unsettled; 0 = a plain debit).
+    pub hold_ttl_ms: u64,
+    /// Holds only: take up to this much when available (at least `cost`); `None` = all.
+    pub wanted: Option<Credits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +76,8 @@ pub enum DebitOutcome {
         allowance: Credits,
         purchased: Credits,
         period_end: i64,
+        /// The amount debited (and held, for a hold).
+        taken: Credits,
     },
     /// Not in Redis: hydrate from Postgres and retry.
     Missing,
@@ -160,6 +168,9 @@ pub struct Ledger {
     credit: Script,
     hydrate: Script,
     set_tier: Script,
+    settle: Script,
+    extend: Script,
+    sweep: Script,
 }
 
 fn int(v: &Value) -> Option<i64> {
@@ -201,6 +212,9 @@ impl Ledger {
             credit: Script::new(include_str!("credit.lua")),
             hydrate: Script::new(include_str!("hydrate.lua")),
             set_tier: Script::new(include_str!("set_tier.lua")),
+            settle: Script::new(&format!("{HOLD_LUA}\n{}", include_str!("settle.lua"))),
+            extend: Script::new(&format!("{HOLD_LUA}\n{}", include_str!("extend.lua"))),
+            sweep: Script::new(include_str!("sweep.lua")),
         }
     }
 
@@ -261,6 +275,8 @@ impl Ledger {
                     .key(&k.account)
                     .key(&k.stream)
                     .key(&k.leases)
+                    .key(&k.holds)
+                    .key(&k.hold_data)
                     .arg(r.account_id)
                     .arg(r.tier)
                     .arg(monthly)
@@ -277,6 +293,8 @@ impl Ledger {
                     .arg(r.lease_ttl_ms)
                     .arg(r.charge_id)
                     .arg(r.deadline_ms)
+                    .arg(r.hold_ttl_ms)
+                    .arg(r.wanted.map_or(-1, Credits::micros))
                     .invoke_async(conn),
             )
             .await?;
@@ -289,6 +307,7 @@ impl Ledger {
                 allowance: c(3)?,
                 purchased: c(4)?,
                 period_end: at(5)?,
+                taken: c(6)?,
             },
             1 => DebitOutcome::Missing,
             2 => DebitOutcome::Insufficient {

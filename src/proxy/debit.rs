@@ -28,6 +28,24 @@ pub struct Charge {
     pub low_threshold: Option<Credits>,
     /// A concurrency lease is held under the request id.
     pub lease: bool,
+    /// The amount is held until settle (metered routes), not final.
+    pub hold: bool,
+}
+
+/// What to debit: a fixed price, or a hold for a metered route.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    /// Admission needs this much; it is taken.
+    pub cost: Credits,
+    pub hold: Option<HoldSpec>,
+}
+
+/// A hold: the debit is settled later with the true cost.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldSpec {
+    pub ttl_ms: u64,
+    /// Take up to this much when the balance has it (`None`: all of it).
+    pub wanted: Option<Credits>,
 }
 
 /// The debit's verdict.
@@ -50,9 +68,10 @@ pub async fn debit(
     route: &RouteConfig,
     identity: &Identity,
     tier: &TierConfig,
-    cost: Credits,
+    ask: Ask,
     request_id: &str,
 ) -> Result<Debit, DebitError> {
+    let cost = ask.cost;
     let t = &tier.raw;
     let quota = t.action_quotas.get(&route.action);
     let charge_id = uuid::Uuid::now_v7().simple().to_string();
@@ -73,6 +92,8 @@ pub async fn debit(
         max_concurrent: t.max_concurrent.unwrap_or(0),
         lease_ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
         deadline_ms: 0,
+        hold_ttl_ms: ask.hold.map_or(0, |h| h.ttl_ms),
+        wanted: ask.hold.and_then(|h| h.wanted),
     };
     let mut request = request;
     let mut conn = state.redis.clone();
@@ -100,13 +121,14 @@ pub async fn debit(
                 from_purchased,
                 allowance,
                 purchased,
+                taken,
                 ..
             } => {
                 state
                     .metrics
                     .credits_debited_micros
                     .with_label_values(&[&route.name, &tier.name])
-                    .inc_by(cost.micros().max(0) as u64);
+                    .inc_by(taken.micros().max(0) as u64);
                 let remaining = request.monthly.map(|_| allowance + purchased);
                 let low = match (remaining, t.low_balance_credits) {
                     (Some(r), Some(threshold)) => r < threshold,
@@ -115,13 +137,14 @@ pub async fn debit(
                 return Ok(Debit::Charged(Charge {
                     account_id: identity.account_id.clone(),
                     charge_id: charge_id.clone(),
-                    cost,
+                    cost: taken,
                     from_allowance,
                     from_purchased,
                     remaining,
                     low,
                     low_threshold: t.low_balance_credits,
                     lease: request.max_concurrent > 0,
+                    hold: ask.hold.is_some(),
                 }));
             }
             DebitOutcome::Missing if attempt == 0 => {

@@ -4,6 +4,71 @@
 //! carry the usage). The client's bytes are never held back: the meter only copies what it
 //! needs, with a bound, and `response_body_filter` stays synchronous.
 
+use std::sync::Arc;
+
+use crate::error::GatewayError;
+use crate::pricing::{estimate_input_tokens, started_ticks, Measured, Rates};
+use crate::proxy::cut::WsFrames;
+use crate::proxy::hold::Hold;
+use crate::proxy::settle::Failure;
+
+/// The metering state of a request on a `pricing` route, through all its phases.
+#[derive(Debug, Default)]
+pub struct Metered {
+    /// The debit waits for the request body (token-priced routes: the price depends on it).
+    pub deferred: bool,
+    pub debited: bool,
+    /// The buffered request body of a deferred route, and its bound.
+    pub body: Vec<u8>,
+    pub body_limit: u64,
+    /// The body as forwarded (rewritten or not), kept for a retried upstream attempt.
+    pub final_body: Option<bytes::Bytes>,
+    pub rates: Option<Rates>,
+    pub hold: Option<Arc<Hold>>,
+    pub response: Option<UsageMeter>,
+    /// The response body reached its end (the upstream finished it).
+    pub complete: bool,
+    pub ws: Option<WsFrames>,
+    /// The cut (SSE error event / close frame) went out; the connection ends next.
+    pub cut_sent: bool,
+    /// A refusal decided after the request left `request_filter` (answered by fail_to_proxy).
+    pub rejection: Option<GatewayError>,
+    /// The refund policy applies (the whole hold goes back).
+    pub refund: Option<Failure>,
+    pub settled: bool,
+}
+
+impl Metered {
+    /// The cost so far, from what the stream has shown: the input tokens reported (or
+    /// estimated from the request's size), the output tokens reported or one per streamed
+    /// event (OpenAI and Anthropic send about one token per event), the duration so far.
+    pub fn running_cost(&self, body_bytes: u64) -> Option<crate::money::Credits> {
+        let rates = self.rates?;
+        let meter = self.response.as_ref()?;
+        let usage = meter.so_far().unwrap_or_default();
+        let input = if usage.input_tokens > 0 {
+            usage.input_tokens
+        } else {
+            estimate_input_tokens(body_bytes)
+        };
+        let ticks = self.hold.as_ref().map_or(0, |h| {
+            started_ticks(h.started.elapsed().as_millis() as u64, rates.tick_ms)
+        });
+        rates
+            .cost(&Measured {
+                input_tokens: input,
+                output_tokens: usage.output_tokens.max(meter.events),
+                request_body_bytes: body_bytes,
+                ticks: if rates.per_tick == crate::money::Credits::ZERO {
+                    0
+                } else {
+                    ticks.max(1)
+                },
+            })
+            .ok()
+    }
+}
+
 /// Token counts found in a response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -62,6 +127,11 @@ impl UsageMeter {
 
     pub fn is_stream(&self) -> bool {
         matches!(self.mode, Mode::Sse { .. })
+    }
+
+    /// The usage seen so far on a stream (Anthropic reports input tokens at the start).
+    pub fn so_far(&self) -> Option<Usage> {
+        self.usage
     }
 
     /// One chunk of the response body, as it goes to the client.

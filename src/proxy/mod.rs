@@ -3,8 +3,11 @@
 //! This file only wires the phases together and keeps the per-request context.
 
 pub mod auth;
+pub mod body;
+pub mod cut;
 pub mod debit;
 pub mod gate;
+pub mod hold;
 pub mod meter;
 pub mod respond;
 pub mod route;
@@ -22,8 +25,10 @@ use pingora::upstreams::peer::HttpPeer;
 use tracing::Instrument;
 
 use crate::auth::Identity;
+use crate::config::raw::Pricing;
 use crate::config::{FailMode, Price, RouteConfig};
 use crate::error::GatewayError;
+use crate::pricing::Rates;
 use crate::state::{AppState, Snapshot};
 
 /// The proxy. Cheap to share: everything lives in [`AppState`].
@@ -66,8 +71,20 @@ pub struct RequestCtx {
     /// Stable outcome label for metrics: `forwarded` or an error code.
     pub outcome: &'static str,
     pub counted_in_flight: bool,
+    /// Metering state on `pricing` routes (holds, usage, cuts).
+    pub metered: Option<meter::Metered>,
     /// The request's tracing span: every log line of the request carries its id and route.
     pub span: tracing::Span,
+}
+
+/// The request's declared body size.
+fn content_length(session: &Session) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// A client-supplied request id is kept when it is short and printable; otherwise a fresh one.
@@ -83,7 +100,9 @@ fn request_id(session: &Session) -> String {
 }
 
 impl Gateway {
-    /// Gates and debit for an authenticated caller; fills `ctx.charge`.
+    /// Gates (unless `gated`: already passed for the caller's tier) and the debit for an
+    /// authenticated caller; fills `ctx.charge`.
+    #[allow(clippy::too_many_arguments)]
     async fn meter(
         &self,
         session: &Session,
@@ -91,20 +110,20 @@ impl Gateway {
         snap: &Snapshot,
         route: &RouteConfig,
         identity: &Identity,
+        ask: debit::Ask,
+        gated: bool,
     ) -> Result<(), GatewayError> {
-        let cost = match &route.price {
-            Some(Price::Fixed(cost)) => *cost,
-            // Refused by config validation until metered pricing exists.
-            Some(Price::Metered(_)) | None => return Err(GatewayError::Internal),
-        };
         let mut tier_name = identity.tier.clone();
+        let mut skip_gates = gated;
         for _ in 0..2 {
             let Some(tier) = snap.config.tier(&tier_name) else {
                 return Err(GatewayError::AccountInactive {
                     status: format!("on tier {tier_name:?}, which no longer exists"),
                 });
             };
-            if let Err(err) =
+            if std::mem::take(&mut skip_gates) {
+                // Passed in request_filter for this tier.
+            } else if let Err(err) =
                 gate::check(&snap.config, &snap.limiters, route, identity, tier, session)
             {
                 self.state
@@ -124,7 +143,7 @@ impl Gateway {
                 route,
                 identity,
                 tier,
-                cost,
+                ask,
                 &ctx.request_id,
             )
             .await
@@ -221,12 +240,198 @@ impl Gateway {
         };
         ctx.credential_header = Some(header.name());
         ctx.span.record("account", identity.account_id.as_str());
-        let result = self.meter(session, ctx, &snap, &route, &identity).await;
+        let result = match &route.price {
+            Some(Price::Fixed(cost)) => {
+                let ask = debit::Ask {
+                    cost: *cost,
+                    hold: None,
+                };
+                self.meter(session, ctx, &snap, &route, &identity, ask, false)
+                    .await
+            }
+            Some(Price::Metered(pricing)) => {
+                self.start_metered(session, ctx, &snap, &route, &identity, pricing)
+                    .await
+            }
+            None => Err(GatewayError::Internal),
+        };
         ctx.identity = Some(identity);
         match result {
             Ok(()) => Ok(false),
             Err(err) => self.reject(session, ctx, err).await,
         }
+    }
+
+    /// A `pricing` route. Token-priced: gates now, the hold once the body is in (its price
+    /// depends on the body). Otherwise: the hold now, from what is known up front.
+    async fn start_metered(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+        route: &RouteConfig,
+        identity: &Identity,
+        pricing: &Pricing,
+    ) -> Result<(), GatewayError> {
+        let by_tokens = pricing.input_per_1k_tokens.is_some()
+            || pricing.output_per_1k_tokens.is_some()
+            || !pricing.models.is_empty();
+        let declared = content_length(session);
+        if by_tokens {
+            let Some(tier) = snap.config.tier(&identity.tier) else {
+                return Err(GatewayError::AccountInactive {
+                    status: format!("on tier {:?}, which no longer exists", identity.tier),
+                });
+            };
+            if let Err(err) =
+                gate::check(&snap.config, &snap.limiters, route, identity, tier, session)
+            {
+                self.state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&[err.code()])
+                    .inc();
+                return Err(err);
+            }
+            let limit = tier
+                .raw
+                .max_request_mb
+                .map_or(body::DEFAULT_MAX_BUFFERED, |mb| {
+                    mb.saturating_mul(gate::BYTES_PER_MB)
+                });
+            if declared.is_some_and(|len| len > limit) {
+                return Err(GatewayError::PayloadTooLarge {
+                    limit_mb: limit / gate::BYTES_PER_MB,
+                });
+            }
+            ctx.max_body_bytes = Some(limit);
+            ctx.metered = Some(meter::Metered {
+                deferred: true,
+                body_limit: limit,
+                ..meter::Metered::default()
+            });
+            return Ok(());
+        }
+        let rates = Rates::resolve(pricing, None).map_err(|_| GatewayError::Internal)?;
+        let minimum = rates
+            .minimum_hold(declared.unwrap_or(0))
+            .map_err(|_| GatewayError::Internal)?;
+        ctx.metered = Some(meter::Metered {
+            rates: Some(rates),
+            debited: true,
+            ..meter::Metered::default()
+        });
+        let ask = debit::Ask {
+            cost: minimum,
+            hold: Some(debit::HoldSpec {
+                ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
+                wanted: Some(minimum),
+            }),
+        };
+        self.meter(session, ctx, snap, route, identity, ask, false)
+            .await?;
+        self.begin_hold(ctx, snap, rates);
+        Ok(())
+    }
+
+    /// Turns the debit just made into a running hold (keeper started).
+    fn begin_hold(&self, ctx: &mut RequestCtx, snap: &Snapshot, rates: Rates) {
+        let (Some(charge), Some(m)) = (&ctx.charge, ctx.metered.as_mut()) else {
+            return;
+        };
+        if !charge.hold {
+            return;
+        }
+        let hold = hold::Hold::new(
+            &charge.account_id,
+            &charge.charge_id,
+            rates,
+            charge.cost,
+            charge.remaining,
+            snap.config.redis.lease_ttl_seconds * 1000,
+        );
+        hold.start_keeper(Arc::clone(&self.state));
+        m.hold = Some(hold);
+    }
+
+    /// The body of a token-priced request is in: price it (model, max_tokens), take the hold,
+    /// rewrite it where the route asks. Returns the body to forward.
+    async fn reserve_with_body(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bytes::Bytes, GatewayError> {
+        let (Some(snap), Some(route), Some(identity)) = (
+            ctx.snapshot.clone(),
+            ctx.route.clone(),
+            ctx.identity.clone(),
+        ) else {
+            return Err(GatewayError::Internal);
+        };
+        let Some(Price::Metered(pricing)) = &route.price else {
+            return Err(GatewayError::Internal);
+        };
+        let m = ctx.metered.as_mut().ok_or(GatewayError::Internal)?;
+        m.debited = true;
+        let body = std::mem::take(&mut m.body);
+        let mut request = body::AiRequest::inspect(&body);
+        let rates = Rates::resolve(pricing, request.model.as_deref()).map_err(|_| {
+            GatewayError::ModelNotPriced {
+                model: request.model.clone(),
+            }
+        })?;
+        m.rates = Some(rates);
+        let len = body.len() as u64;
+        let overflow = |_| GatewayError::Internal;
+        let minimum = rates.minimum_hold(len).map_err(overflow)?;
+        let estimate = request
+            .max_tokens
+            .map(|t| rates.estimate(len, t))
+            .transpose()
+            .map_err(overflow)?;
+        let (cost, wanted) = if route.cap_max_tokens {
+            // Admit on the reserve; hold up to the estimate (all of the balance when the
+            // request sets no max_tokens), then cap max_tokens to what is held.
+            (minimum, estimate.map(|e| e.max(minimum)))
+        } else if pricing.reserve_from_max_tokens {
+            let c = estimate.map_or(minimum, |e| e.max(minimum));
+            (c, Some(c))
+        } else {
+            (minimum, Some(minimum))
+        };
+        let ask = debit::Ask {
+            cost,
+            hold: Some(debit::HoldSpec {
+                ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
+                wanted,
+            }),
+        };
+        self.meter(session, ctx, &snap, &route, &identity, ask, true)
+            .await?;
+        self.begin_hold(ctx, &snap, rates);
+        let m = ctx.metered.as_mut().ok_or(GatewayError::Internal)?;
+        let cap = match &m.hold {
+            Some(hold) if route.cap_max_tokens && hold.balance().is_some() => {
+                rates.affordable_output_tokens(hold.held(), len)
+            }
+            _ => None,
+        };
+        if cap == Some(0) {
+            // The balance covers the reserve but not one output token at this model's price.
+            let remaining = m.hold.as_ref().and_then(|h| h.balance());
+            m.refund = Some(settle::Failure::Refused);
+            settle::finish_hold(&self.state, m, len, None, &ctx.request_id).await;
+            return Err(GatewayError::InsufficientCredits {
+                remaining: remaining.unwrap_or_default()
+                    + ctx.charge.as_ref().map_or(Default::default(), |c| c.cost),
+                required: rates.estimate(len, 1).map_err(overflow)?,
+                tier: identity.tier.clone(),
+            });
+        }
+        let forwarded = request
+            .rewrite(cap, pricing.include_usage)
+            .map_or_else(|| bytes::Bytes::from(body), bytes::Bytes::from);
+        Ok(forwarded)
     }
 
     async fn reject(
@@ -262,6 +467,7 @@ impl ProxyHttp for Gateway {
             body_bytes: 0,
             outcome: "forwarded",
             counted_in_flight: false,
+            metered: None,
             span: tracing::Span::none(),
         }
     }
@@ -285,21 +491,73 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let (Some(limit), Some(chunk)) = (ctx.max_body_bytes, body.as_ref()) {
+        if let Some(chunk) = body.as_ref() {
             ctx.body_bytes += chunk.len() as u64;
-            if ctx.body_bytes > limit {
+            if ctx
+                .max_body_bytes
+                .is_some_and(|limit| ctx.body_bytes > limit)
+            {
                 return Err(pingora::Error::explain(
                     pingora::ErrorType::HTTPStatus(413),
                     "request body over the tier's max_request_mb",
                 ));
             }
         }
-        Ok(())
+        let Some(m) = ctx.metered.as_mut() else {
+            return Ok(());
+        };
+        if m.cut_sent {
+            // The session was closed for lack of credits; this is the client's last word.
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                "session ended: insufficient credits",
+            ));
+        }
+        if !m.deferred {
+            return Ok(());
+        }
+        if m.debited {
+            // A retried upstream attempt: send what the first attempt sent.
+            *body = if end_of_stream {
+                m.final_body.clone()
+            } else {
+                Some(bytes::Bytes::new())
+            };
+            return Ok(());
+        }
+        if let Some(chunk) = body.take() {
+            m.body.extend_from_slice(&chunk);
+        }
+        if !end_of_stream {
+            // Held back until the whole body is in: nothing goes upstream yet.
+            *body = Some(bytes::Bytes::new());
+            return Ok(());
+        }
+        let span = ctx.span.clone();
+        match self.reserve_with_body(session, ctx).instrument(span).await {
+            Ok(forwarded) => {
+                if let Some(m) = ctx.metered.as_mut() {
+                    m.final_body = Some(forwarded.clone());
+                }
+                *body = Some(forwarded);
+                Ok(())
+            }
+            Err(err) => {
+                let status = err.status();
+                if let Some(m) = ctx.metered.as_mut() {
+                    m.rejection = Some(err);
+                }
+                Err(pingora::Error::explain(
+                    pingora::ErrorType::HTTPStatus(status),
+                    "refused once the request body was read",
+                ))
+            }
+        }
     }
 
     async fn upstream_peer(
@@ -323,6 +581,11 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
+        if ctx.metered.as_ref().is_some_and(|m| m.deferred) {
+            // The body is forwarded after the debit and may be rewritten: its length is not
+            // known yet, so it goes chunked (Pingora frames it when Content-Length is absent).
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+        }
         upstream::rewrite_request(
             upstream_request,
             &route.upstream,
@@ -353,30 +616,135 @@ impl ProxyHttp for Gateway {
         upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
-        if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
-            let refund =
-                status >= 500 && settle::should_refund(route, Some(settle::Failure::Upstream5xx));
-            let charged = if refund {
-                crate::money::Credits::ZERO
-            } else {
-                charge.cost
-            };
-            upstream_response.insert_header("x-credits-charged", charged.to_string())?;
-            let mut low = charge.low;
-            if let Some(remaining) = charge.remaining {
-                let remaining = if refund {
-                    remaining + charge.from_allowance + charge.from_purchased
-                } else {
-                    remaining
-                };
-                low = charge.low_threshold.is_some_and(|t| remaining < t);
-                upstream_response.insert_header("x-credits-remaining", remaining.to_string())?;
+        let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) else {
+            return Ok(());
+        };
+        let refund =
+            status >= 500 && settle::should_refund(route, Some(settle::Failure::Upstream5xx));
+        if let Some(m) = ctx.metered.as_mut() {
+            if refund {
+                m.refund = Some(settle::Failure::Upstream5xx);
             }
-            if low {
-                upstream_response.insert_header("x-credits-low", "true")?;
+            let content_type = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            m.response = Some(meter::UsageMeter::for_content_type(content_type));
+            if status == 101 {
+                m.ws = Some(cut::WsFrames::default());
             }
         }
+        // On a hold: what is held now (the reserve); the final charge is in the journal and
+        // the usage API once the response has ended.
+        let hold = ctx.metered.as_ref().and_then(|m| m.hold.as_ref());
+        let (charged, remaining) = match hold {
+            Some(h) => (h.held(), h.balance()),
+            None => (charge.cost, charge.remaining),
+        };
+        let (charged, remaining) = if refund {
+            (crate::money::Credits::ZERO, remaining.map(|r| r + charged))
+        } else {
+            (charged, remaining)
+        };
+        upstream_response.insert_header("x-credits-charged", charged.to_string())?;
+        let mut low = charge.low;
+        if let Some(remaining) = remaining {
+            low = charge.low_threshold.is_some_and(|t| remaining < t);
+            upstream_response.insert_header("x-credits-remaining", remaining.to_string())?;
+        }
+        if low {
+            upstream_response.insert_header("x-credits-low", "true")?;
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        let body_bytes = ctx.body_bytes;
+        let Some(m) = ctx.metered.as_mut() else {
+            return Ok(None);
+        };
+        if m.cut_sent {
+            // The cut went out with the previous chunk: end the connection (and the upstream
+            // work) here.
+            *body = None;
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                "stream ended: insufficient credits",
+            ));
+        }
+        let Some(meter_state) = m.response.as_mut() else {
+            return Ok(None);
+        };
+        let mut boundary = None;
+        if let Some(chunk) = body.as_ref() {
+            meter_state.feed(chunk);
+            if let Some(ws) = m.ws.as_mut() {
+                boundary = ws.feed(chunk);
+            }
+        }
+        if end_of_stream {
+            m.complete = true;
+            return Ok(None);
+        }
+        let Some(hold) = m.hold.clone() else {
+            return Ok(None);
+        };
+        let mut out_of_credits = hold.must_cut();
+        let streaming = m
+            .response
+            .as_ref()
+            .is_some_and(meter::UsageMeter::is_stream);
+        if !out_of_credits && streaming && hold.rates.by_tokens {
+            if let Some(running) = m.running_cost(body_bytes) {
+                let held = hold.held();
+                if running > held {
+                    if hold.is_short() {
+                        out_of_credits = true;
+                    } else {
+                        let step = (running - held).max(hold.rates.reserve);
+                        hold.top_up(&self.state, step);
+                    }
+                }
+            }
+        }
+        if !out_of_credits {
+            return Ok(None);
+        }
+        let kind = if m.ws.is_some() {
+            let frame =
+                cut::ws_close_frame(cut::WS_CLOSE_INSUFFICIENT_CREDITS, "insufficient_credits");
+            let Some(at) = boundary else {
+                // Mid-frame: the close goes after the frame in flight.
+                return Ok(None);
+            };
+            let mut out = body.as_ref().map(|b| b[..at].to_vec()).unwrap_or_default();
+            out.extend_from_slice(&frame);
+            *body = Some(bytes::Bytes::from(out));
+            "websocket"
+        } else if streaming {
+            *body = Some(bytes::Bytes::from(cut::sse_error_event(hold.held())));
+            "sse"
+        } else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectionClosed,
+                "response ended: insufficient credits",
+            ));
+        };
+        m.cut_sent = true;
+        self.state
+            .metrics
+            .streams_cut
+            .with_label_values(&[kind])
+            .inc();
+        let _in_span = ctx.span.enter();
+        tracing::info!(kind, "ended a stream: the balance ran out");
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -385,7 +753,28 @@ impl ProxyHttp for Gateway {
         e: &pingora::Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if let Some(err) = ctx.metered.as_mut().and_then(|m| m.rejection.take()) {
+            // Refused once the body was read (402, 400 model_not_priced, 429, ...).
+            ctx.outcome = err.code();
+            if session.response_written().is_none() {
+                if let Err(write_err) =
+                    respond::error_and_close(session, &err, &ctx.request_id).await
+                {
+                    tracing::debug!(error = %write_err, "could not send the error response");
+                }
+            }
+            return FailToProxy {
+                error_code: err.status(),
+                can_reuse_downstream: false,
+            };
+        }
         if e.etype() == &pingora::ErrorType::HTTPStatus(413) {
+            if let Some(m) = ctx.metered.as_mut() {
+                // Our own refusal: the caller never got the service, whatever the policy.
+                m.refund = Some(settle::Failure::Refused);
+                settle::finish_hold(&self.state, m, ctx.body_bytes, None, &ctx.request_id).await;
+                ctx.refunded = true;
+            }
             if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
                 if !ctx.refunded {
                     // Our own refusal: the caller never got the service, whatever the policy.
@@ -425,8 +814,15 @@ impl ProxyHttp for Gateway {
         let mut refunded = false;
         if let (Some(charge), Some(route), Some(failure)) = (&ctx.charge, &ctx.route, failure) {
             if settle::should_refund(route, Some(failure)) && !ctx.refunded {
-                refunded =
-                    settle::refund(&self.state, route, charge, &ctx.request_id, failure).await;
+                if let Some(m) = ctx.metered.as_mut().filter(|m| m.hold.is_some()) {
+                    m.refund = Some(failure);
+                    settle::finish_hold(&self.state, m, ctx.body_bytes, None, &ctx.request_id)
+                        .await;
+                    refunded = true;
+                } else {
+                    refunded =
+                        settle::refund(&self.state, route, charge, &ctx.request_id, failure).await;
+                }
                 ctx.refunded = true;
             }
         }
@@ -464,7 +860,17 @@ impl ProxyHttp for Gateway {
         if ctx.counted_in_flight {
             self.state.metrics.in_flight.dec();
         }
-        if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
+        if let Some(m) = ctx.metered.as_mut().filter(|m| m.hold.is_some()) {
+            settle::finish_hold(
+                &self.state,
+                m,
+                ctx.body_bytes,
+                ctx.upstream_status,
+                &ctx.request_id,
+            )
+            .instrument(ctx.span.clone())
+            .await;
+        } else if let (Some(charge), Some(route)) = (&ctx.charge, &ctx.route) {
             let upstream_5xx = ctx.upstream_status.is_some_and(|s| s >= 500);
             if upstream_5xx
                 && !ctx.refunded

@@ -6,8 +6,13 @@
 use std::time::Duration;
 
 use crate::config::{RefundOn, RouteConfig};
+use crate::ledger::holds::{SettleOutcome, SettleRequest};
 use crate::ledger::{self, CreditOutcome, CreditRequest};
+use crate::money::Credits;
+use crate::pricing::{started_ticks, Measured};
 use crate::proxy::debit::Charge;
+use crate::proxy::hold::Hold;
+use crate::proxy::meter::{Metered, Usage, UsageMeter};
 use crate::state::AppState;
 
 /// How long the refund's idempotency mark lives: far longer than any retry of the same request.
@@ -34,7 +39,7 @@ impl Failure {
         }
     }
 
-    fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             Failure::ConnectError => "connect_error",
             Failure::Timeout => "timeout",
@@ -112,5 +117,126 @@ pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
     {
         // The lease expires by itself (redis.lease_ttl_seconds).
         tracing::warn!(request_id, error = %e, "could not release the concurrency lease");
+    }
+}
+
+/// The true cost of a held request, by the documented rules (README "Pricing AI routes"):
+/// 1. refund policy applies → 0;
+/// 2. the stream was cut for lack of credits → what is held (all the balance had);
+/// 3. the response ended and reported usage → its tokens at the route's (model's) prices;
+/// 4. token-priced, no usage, upstream answered < 400 (incl. client disconnect, upstream cut)
+///    → the larger of what is held and the running estimate: never zero;
+/// 5. token-priced, no usage, upstream error (or none) → the fixed parts only;
+/// 6. not token-priced → exactly what was measured (per request, body size, duration).
+///
+/// Returns the cost (`None` = settle at what is held), the reason and the reported tokens.
+pub fn true_cost(
+    m: &mut Metered,
+    hold: &Hold,
+    body_bytes: u64,
+    status: Option<u16>,
+) -> (Option<Credits>, &'static str, Usage) {
+    let rates = m.rates.unwrap_or(hold.rates);
+    let held = hold.held();
+    let ticks = if rates.per_tick == Credits::ZERO {
+        0
+    } else {
+        started_ticks(hold.started.elapsed().as_millis() as u64, rates.tick_ms).max(1)
+    };
+    let running = m.running_cost(body_bytes);
+    let usage = m.response.as_mut().and_then(UsageMeter::finish);
+    let reported = usage.unwrap_or_default();
+    if let Some(failure) = m.refund {
+        return (Some(Credits::ZERO), failure.reason(), reported);
+    }
+    if m.cut_sent || hold.must_cut() {
+        return (None, "insufficient_credits", reported);
+    }
+    let measured = |u: Usage| Measured {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        request_body_bytes: body_bytes,
+        ticks,
+    };
+    let cost = |u: Usage| rates.cost(&measured(u)).ok();
+    if let Some(u) = usage.filter(|_| m.complete) {
+        return (cost(u), "usage", reported);
+    }
+    if !rates.by_tokens {
+        return (cost(Usage::default()), "measured", reported);
+    }
+    match status {
+        Some(s) if s < 400 => {
+            let estimate = running.unwrap_or(held).max(held);
+            (Some(estimate), "no_usage", reported)
+        }
+        _ => (cost(Usage::default()), "upstream_error", reported),
+    }
+}
+
+/// Settles a held request once: stops its keeper, computes the true cost and applies it.
+pub async fn finish_hold(
+    state: &AppState,
+    m: &mut Metered,
+    body_bytes: u64,
+    status: Option<u16>,
+    request_id: &str,
+) {
+    if m.settled {
+        return;
+    }
+    let Some(hold) = m.hold.clone() else {
+        return;
+    };
+    m.settled = true;
+    hold.stop();
+    let (cost, reason, usage) = true_cost(m, &hold, body_bytes, status);
+    let request = SettleRequest {
+        account_id: &hold.account_id,
+        charge_id: &hold.charge_id,
+        cost,
+        tokens_in: usage.input_tokens,
+        tokens_out: usage.output_tokens,
+        status: status.unwrap_or(0),
+        duration_ms: hold.started.elapsed().as_millis() as u64,
+        reason,
+    };
+    let mut conn = state.redis.clone();
+    for attempt in 0..2 {
+        match state.ledger.settle(&mut conn, &request).await {
+            Ok(SettleOutcome::Settled { delta, .. }) => {
+                let direction = if delta.micros() > 0 { "extra" } else { "back" };
+                state
+                    .metrics
+                    .credits_settled_micros
+                    .with_label_values(&[direction])
+                    .inc_by(delta.micros().unsigned_abs());
+                state.metrics.settles.with_label_values(&[reason]).inc();
+                tracing::debug!(request_id, %delta, reason, "settled");
+                return;
+            }
+            Ok(SettleOutcome::NotFound) => {
+                tracing::warn!(
+                    request_id,
+                    "the hold was already settled (expired and swept?)"
+                );
+                return;
+            }
+            Ok(SettleOutcome::AccountGone) => {
+                tracing::error!(request_id, account = %hold.account_id, "settle skipped: the account vanished from Redis");
+                return;
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .redis_errors
+                    .with_label_values(&["settle"])
+                    .inc();
+                if attempt == 1 {
+                    // The hold expires and is settled at what it holds by a sweeper.
+                    tracing::error!(request_id, error = %e, "settle failed; the hold will be settled at its reserve when it expires");
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,188 @@
+//! Reserve-then-settle in Redis: a hold is taken by the debit script (what was debited is
+//! remembered per shard with an expiry), grown by `extend.lua` (per-minute sessions, long
+//! streams), ended by `settle.lua` with the true cost, and — when its instance died — found by
+//! `sweep.lua` and settled at what it holds by any instance.
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+use super::{int, keys, reply_err, Ledger, LedgerError};
+use crate::money::Credits;
+
+/// What a request really used, for the settle entry.
+#[derive(Debug, Clone, Default)]
+pub struct SettleRequest<'a> {
+    pub account_id: &'a str,
+    pub charge_id: &'a str,
+    /// The true cost; `None` settles at what is held (an expired hold).
+    pub cost: Option<Credits>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub status: u16,
+    pub duration_ms: u64,
+    pub reason: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled {
+        /// True cost minus what was held: negative is a refund, positive an extra charge.
+        delta: Credits,
+        allowance: Credits,
+        purchased: Credits,
+    },
+    /// Already settled (by this request's other path, or by a sweeper).
+    NotFound,
+    /// The account is no longer in Redis; the hold was dropped.
+    AccountGone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extended {
+    pub taken: Credits,
+    pub held: Credits,
+    /// Took less than the step: the balance has run out.
+    pub short: bool,
+    pub balance: Credits,
+}
+
+impl Ledger {
+    pub async fn settle(
+        &self,
+        conn: &mut ConnectionManager,
+        r: &SettleRequest<'_>,
+    ) -> Result<SettleOutcome, LedgerError> {
+        let k = self.keys(r.account_id);
+        let reply: Vec<Value> = self
+            .timed(
+                self.settle
+                    .key(&k.account)
+                    .key(&k.stream)
+                    .key(&k.holds)
+                    .key(&k.hold_data)
+                    .key(&k.leases)
+                    .arg(r.charge_id)
+                    .arg(r.cost.map_or(0, Credits::micros))
+                    .arg(super::now_ms())
+                    .arg(r.tokens_in)
+                    .arg(r.tokens_out)
+                    .arg(r.status)
+                    .arg(r.duration_ms)
+                    .arg(r.reason)
+                    .arg(if r.cost.is_none() { "1" } else { "0" })
+                    .invoke_async(conn),
+            )
+            .await?;
+        let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));
+        Ok(match at(0)? {
+            0 => SettleOutcome::Settled {
+                delta: Credits::from_micros(at(1)?),
+                allowance: Credits::from_micros(at(4)?),
+                purchased: Credits::from_micros(at(5)?),
+            },
+            1 => SettleOutcome::NotFound,
+            2 => SettleOutcome::AccountGone,
+            _ => return Err(reply_err(&reply)),
+        })
+    }
+
+    /// Renews a hold (and its lease) for `ttl_ms`, taking `step` more when it is not zero.
+    /// `None`: the hold is gone (settled or swept).
+    pub async fn extend(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+        charge_id: &str,
+        step: Credits,
+        ttl_ms: u64,
+        reason: &str,
+    ) -> Result<Option<Extended>, LedgerError> {
+        let k = self.keys(account_id);
+        let reply: Vec<Value> = self
+            .timed(
+                self.extend
+                    .key(&k.account)
+                    .key(&k.stream)
+                    .key(&k.holds)
+                    .key(&k.hold_data)
+                    .key(&k.leases)
+                    .arg(charge_id)
+                    .arg(step.micros())
+                    .arg(super::now_ms())
+                    .arg(ttl_ms)
+                    .arg(reason)
+                    .invoke_async(conn),
+            )
+            .await?;
+        let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));
+        Ok(match at(0)? {
+            0 => Some(Extended {
+                taken: Credits::from_micros(at(1)?),
+                held: Credits::from_micros(at(2)?),
+                short: at(3)? == 1,
+                balance: Credits::from_micros(at(4)?),
+            }),
+            1 => None,
+            _ => return Err(reply_err(&reply)),
+        })
+    }
+
+    /// Expired holds of one shard: `(charge id, account id)`, at most `limit`.
+    pub async fn expired_holds(
+        &self,
+        conn: &mut ConnectionManager,
+        shard: u32,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let reply: Vec<String> = self
+            .timed(
+                self.sweep
+                    .key(keys::holds(&self.prefix, shard))
+                    .key(keys::hold_data(&self.prefix, shard))
+                    .arg(now_ms)
+                    .arg(limit)
+                    .invoke_async(conn),
+            )
+            .await?;
+        Ok(reply
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect())
+    }
+
+    /// Settles every expired hold of every shard at what it holds; returns how many.
+    pub async fn sweep_expired(&self, conn: &mut ConnectionManager) -> Result<u64, LedgerError> {
+        let mut settled = 0;
+        for shard in 0..self.shards {
+            loop {
+                let expired = self
+                    .expired_holds(conn, shard, super::now_ms(), 100)
+                    .await?;
+                let batch = expired.len();
+                for (charge_id, account_id) in expired {
+                    let outcome = self
+                        .settle(
+                            conn,
+                            &SettleRequest {
+                                account_id: &account_id,
+                                charge_id: &charge_id,
+                                cost: None,
+                                reason: "hold_expired",
+                                ..SettleRequest::default()
+                            },
+                        )
+                        .await?;
+                    if matches!(outcome, SettleOutcome::Settled { .. }) {
+                        tracing::warn!(account = %account_id, charge_id = %charge_id, "an expired hold was settled at what it holds (its instance stopped before settling)");
+                        settled += 1;
+                    }
+                }
+                if batch < 100 {
+                    break;
+                }
+            }
+        }
+        Ok(settled)
+    }
+}

@@ -1,0 +1,226 @@
+//! A request's hold while it runs: what is held so far, and a keeper task that renews the hold
+//! (so long streams never expire) and, on `per_minute` routes, takes each started step. Stream
+//! top-ups (a stream whose running cost passed what is held) run on the side too, so the
+//! response's bytes never wait for Redis.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::money::Credits;
+use crate::pricing::Rates;
+use crate::state::AppState;
+
+/// Shared between the request's phases and its background tasks.
+#[derive(Debug)]
+pub struct Hold {
+    pub account_id: String,
+    pub charge_id: String,
+    pub rates: Rates,
+    pub started: Instant,
+    ttl_ms: u64,
+    held: AtomicI64,
+    /// Balance after the last hold operation.
+    balance: AtomicI64,
+    /// The balance could not pay a full top-up: the stream runs on what is held, no further.
+    short: AtomicBool,
+    /// A duration step could not be paid: end the session now.
+    cut: AtomicBool,
+    extending: AtomicBool,
+    keeper: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Hold {
+    pub fn new(
+        account_id: &str,
+        charge_id: &str,
+        rates: Rates,
+        held: Credits,
+        balance: Option<Credits>,
+        ttl_ms: u64,
+    ) -> Arc<Hold> {
+        Arc::new(Hold {
+            account_id: account_id.to_string(),
+            charge_id: charge_id.to_string(),
+            rates,
+            started: Instant::now(),
+            ttl_ms,
+            held: AtomicI64::new(held.micros()),
+            balance: AtomicI64::new(balance.map_or(i64::MAX, Credits::micros)),
+            short: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            extending: AtomicBool::new(false),
+            keeper: Mutex::new(None),
+        })
+    }
+
+    pub fn held(&self) -> Credits {
+        Credits::from_micros(self.held.load(Ordering::Relaxed))
+    }
+
+    /// The balance after the last hold operation (`None` on unlimited tiers).
+    pub fn balance(&self) -> Option<Credits> {
+        match self.balance.load(Ordering::Relaxed) {
+            i64::MAX => None,
+            b => Some(Credits::from_micros(b)),
+        }
+    }
+
+    pub fn is_short(&self) -> bool {
+        self.short.load(Ordering::Relaxed)
+    }
+
+    /// A duration step went unpaid: the session must end.
+    pub fn must_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, e: &crate::ledger::holds::Extended) {
+        self.held.store(e.held.micros(), Ordering::Relaxed);
+        if self.balance.load(Ordering::Relaxed) != i64::MAX {
+            self.balance.store(e.balance.micros(), Ordering::Relaxed);
+        }
+        if e.short {
+            self.short.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts the keeper: renews the hold every third of its ttl and takes each started
+    /// duration step after the first (which the reserve paid).
+    /// The keeper holds only a weak reference: when the request's context goes away, so does
+    /// the keeper, even if no phase stopped it.
+    pub fn start_keeper(self: &Arc<Self>, state: Arc<AppState>) {
+        let hold = Arc::downgrade(self);
+        let task = tokio::spawn(async move { Hold::keep(hold, state).await });
+        if let Ok(mut keeper) = self.keeper.lock() {
+            *keeper = Some(task.abort_handle());
+        }
+    }
+
+    async fn keep(weak: std::sync::Weak<Hold>, state: Arc<AppState>) {
+        let Some(first) = weak.upgrade() else {
+            return;
+        };
+        let renew_every = Duration::from_millis((first.ttl_ms / 3).max(100));
+        let tick = Duration::from_millis(first.rates.tick_ms.max(1));
+        let ticking = first.rates.per_tick != Credits::ZERO;
+        let started = first.started;
+        drop(first);
+        let mut next_renew = Instant::now() + renew_every;
+        let mut steps_paid: u32 = 1;
+        loop {
+            let next_tick = started + tick * steps_paid;
+            let (at, is_tick) = if ticking && next_tick <= next_renew {
+                (next_tick, true)
+            } else {
+                (next_renew, false)
+            };
+            tokio::time::sleep_until(at.into()).await;
+            let Some(hold) = weak.upgrade() else {
+                return;
+            };
+            let step = if is_tick {
+                hold.rates.per_tick
+            } else {
+                Credits::ZERO
+            };
+            let mut conn = state.redis.clone();
+            let reason = if is_tick { "duration" } else { "renew" };
+            match state
+                .ledger
+                .extend(
+                    &mut conn,
+                    &hold.account_id,
+                    &hold.charge_id,
+                    step,
+                    hold.ttl_ms,
+                    reason,
+                )
+                .await
+            {
+                Ok(Some(e)) => {
+                    hold.record(&e);
+                    if is_tick {
+                        steps_paid += 1;
+                        if e.short {
+                            tracing::info!(account = %hold.account_id, "the balance ran out during a metered session; ending it");
+                            hold.cut.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    } else {
+                        next_renew = Instant::now() + renew_every;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // Retried at the next renewal; a hold that cannot be renewed at all
+                    // expires and is settled at what it holds.
+                    tracing::warn!(error = %e, account = %hold.account_id, "could not extend a hold");
+                    state
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["extend"])
+                        .inc();
+                    if is_tick {
+                        // An unpaid step is not given away: it is settled at the end.
+                        steps_paid += 1;
+                    } else {
+                        next_renew = Instant::now() + renew_every;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes `step` more for a stream whose running cost passed what is held, on the side
+    /// (one top-up in flight at a time).
+    pub fn top_up(self: &Arc<Self>, state: &Arc<AppState>, step: Credits) {
+        if self.is_short() || self.extending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hold = Arc::clone(self);
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let mut conn = state.redis.clone();
+            match state
+                .ledger
+                .extend(
+                    &mut conn,
+                    &hold.account_id,
+                    &hold.charge_id,
+                    step,
+                    hold.ttl_ms,
+                    "stream",
+                )
+                .await
+            {
+                Ok(Some(e)) => hold.record(&e),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, account = %hold.account_id, "could not top up a stream's hold");
+                    state
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["extend"])
+                        .inc();
+                }
+            }
+            hold.extending.store(false, Ordering::Release);
+        });
+    }
+
+    /// Stops the keeper (the request is ending; settle follows).
+    pub fn stop(&self) {
+        if let Ok(mut keeper) = self.keeper.lock() {
+            if let Some(task) = keeper.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
