@@ -6,8 +6,10 @@
 mod harness;
 mod ledger_util;
 mod upstream;
+mod ws_client;
 
 mod admin;
+mod ai_pricing;
 mod auth;
 mod check_config;
 mod jwt;
