@@ -7,6 +7,9 @@ use crate::money::Credits;
 /// WebSocket close code sent when the balance runs out (4000-4999: application codes).
 pub const WS_CLOSE_INSUFFICIENT_CREDITS: u16 = 4002;
 
+/// How long a client may stay connected after the cut before tollgate hangs up.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The final SSE event of a stream cut for lack of credits.
 pub fn sse_error_event(held: Credits) -> Vec<u8> {
     let message = format!(

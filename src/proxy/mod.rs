@@ -660,7 +660,7 @@ impl ProxyHttp for Gateway {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -737,6 +737,10 @@ impl ProxyHttp for Gateway {
             ));
         };
         m.cut_sent = true;
+        // The client has a moment to answer the close (or read the error event); a client
+        // that stays silent is disconnected then, so an idle session cannot outlive its
+        // credits.
+        session.set_read_timeout(Some(cut::CLOSE_GRACE));
         self.state
             .metrics
             .streams_cut

@@ -10,6 +10,7 @@ mod ws_client;
 
 mod admin;
 mod ai_pricing;
+mod ai_sessions;
 mod auth;
 mod check_config;
 mod jwt;
