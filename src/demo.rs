@@ -20,6 +20,7 @@ use crate::config::Config;
 pub fn upstream_router() -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/tokens/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
 }
@@ -155,6 +156,17 @@ action = "ai_message"
 cost = 1
 feature = "chat"
 
+# The same model priced by the tokens it reports (README "Pricing AI routes"): 0.05 per call,
+# 2 per 1k prompt tokens, 10 per 1k completion tokens; 1 credit held until the usage is known.
+[[routes]]
+name = "chat-tokens"
+method = "POST"
+path_prefix = "/tokens/v1/chat/completions"
+upstream = "demo-llm"
+action = "ai_message"
+feature = "chat"
+pricing = {{ per_request = 0.05, input_per_1k_tokens = 2, output_per_1k_tokens = 10, reserve = 1 }}
+
 [[routes]]
 name = "models"
 method = "GET"
@@ -285,12 +297,17 @@ The demo account "demo" is on tier "demo": 5 credits a month, 1 credit per chat 
   # 3. Your balance
   curl -s {p}/_tollgate/v1/balance -H "Authorization: Bearer $KEY"
 
-  # 4. Spend the rest: the 6th call answers 402 insufficient_credits
+  # 4. Priced by tokens: 1 credit held (X-Credits-Charged: 1), settled at what the usage says;
+  #    streams get stream_options.include_usage added and are settled from the last chunk
+  curl -si {p}/tokens/v1/chat/completions -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
+    -d '{{"model":"demo-1","messages":[{{"role":"user","content":"price me by tokens"}}]}}'
+
+  # 5. Spend the rest: once the balance is gone, calls answer 402 insufficient_credits
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' {p}/v1/chat/completions \
     -H "Authorization: Bearer $KEY" -H 'content-type: application/json' -d '{{"messages":[]}}'; done
   curl -s {p}/v1/chat/completions -H "Authorization: Bearer $KEY" -d '{{}}'
 
-  # 5. Top up (admin) and look at usage and the journal
+  # 6. Top up (admin) and look at usage and the journal
   curl -s -X POST {a}/v1/accounts/demo/grants -H "Authorization: Bearer {admin_token}" \
     -H 'content-type: application/json' -d '{{"credits":10,"reason":"demo top-up","idempotency_key":"demo-1"}}'
   curl -s '{a}/v1/accounts/demo/usage?group_by=route' -H "Authorization: Bearer {admin_token}"
