@@ -815,7 +815,9 @@ impl ProxyHttp for Gateway {
         } else {
             None
         };
-        let mut refunded = false;
+        // Nothing charged yet (a token-priced route holds only once its body is read, which
+        // never happened): the caller keeps every credit, which the body says as `refunded`.
+        let mut refunded = ctx.charge.is_none() && ctx.metered.is_some();
         if let (Some(charge), Some(route), Some(failure)) = (&ctx.charge, &ctx.route, failure) {
             if settle::should_refund(route, Some(failure)) && !ctx.refunded {
                 if let Some(m) = ctx.metered.as_mut().filter(|m| m.hold.is_some()) {

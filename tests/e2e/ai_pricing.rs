@@ -649,3 +649,36 @@ async fn priced_route_configs_are_validated() {
     assert!(ok.success(), "{}", ok.stderr);
     let _ = micros_of("1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_requests_and_unreachable_upstreams_on_token_routes() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let pricing = "{ output_per_1k_tokens = 1, reserve = 2 }";
+    let app = env
+        .config()
+        .toml(config(&up.url(), pricing, "", "10"))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    // A GET has no body to read: it is held and forwarded all the same, and, reporting no
+    // usage, settled at the reserve.
+    let a = crate::ledger_util::get(&app, &key, "/v1/echo?x=1").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(up.last_request().method, "GET");
+    assert!(up.last_request().body.is_empty());
+    wait_total(&app, &account, "8").await;
+
+    // An upstream that cannot be reached before the body was read: nothing was held.
+    let closed = crate::upstream::closed_addr();
+    let app2 = env
+        .config()
+        .toml(config(&format!("http://{closed}"), pricing, "", "10"))
+        .spawn()
+        .await;
+    let (account2, key2) = app2.account_with_key("basic").await;
+    let a = post(&app2, &key2, "/v1/chat/completions", &chat(false)).await;
+    a.assert_error(502, "upstream_unavailable");
+    assert_eq!(a.body["refunded"], true, "{}", a.body);
+    assert_eq!(total_micros(&app2, &account2).await, 10_000_000);
+}
