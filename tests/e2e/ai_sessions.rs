@@ -316,3 +316,54 @@ async fn a_long_stream_is_debited_per_started_step_while_open() {
         entries(&pg, &account).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_is_settled_never_at_zero() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let pricing = "{ output_per_1k_tokens = 10, reserve = 0.5 }";
+    let app = env
+        .config()
+        .toml(config(&up.url(), "/v1/chat/completions", pricing, "100"))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    let mut resp = app
+        .client()
+        .post(app.proxy_url("/v1/chat/completions?forever=1&delay_ms=50"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for _ in 0..3 {
+        resp.chunk().await.unwrap();
+    }
+    drop(resp);
+    // The upstream stream stops too (tollgate drops it), and the request settles by the
+    // no-usage rule: the reserve, as the few events streamed are worth less.
+    let pg = env.pg().await;
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            entries(&pg, &account).await.iter().any(|e| e.0 == "settle")
+        })
+        .await,
+        "{:?}",
+        entries(&pg, &account).await
+    );
+    let settle = entries(&pg, &account)
+        .await
+        .into_iter()
+        .find(|e| e.0 == "settle")
+        .unwrap();
+    assert_eq!((settle.1, settle.2.as_str()), (0, "no_usage"));
+    assert_eq!(total(&app, &account).await, 99_500_000);
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            !up.sse_ended().is_empty()
+        })
+        .await,
+        "the upstream stream kept running after the client left"
+    );
+}
