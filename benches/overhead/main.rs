@@ -11,7 +11,8 @@
 //! - **nginx**: the peer users would otherwise deploy;
 //! - **public**: tollgate's `public = true` route (pass-through: routing and proxying only);
 //! - **metered**: a fixed-price route (auth from the key cache, one Redis debit, journal);
-//! - **token-priced**: a `pricing = {…}` route (not yet accepted by tollgate: listed, not run);
+//! - **token-priced**: a `pricing = {…}` route: the request body read, a hold, the usage read
+//!   from the response, the settle (two ledger scripts per request);
 //! - **SSE**: a 10-event stream through the metered route (and **direct SSE** as its baseline).
 //!
 //! Targets run in interleaved rounds (each round visits every target once, in an order rotated
@@ -69,8 +70,7 @@ pub struct Target {
     pub pending: Option<&'static str>,
 }
 
-/// The rows, in table order. Adding the token-priced measurement once tollgate accepts
-/// `pricing`: uncomment its line in [`ROUTES`] and set its `pending` to `None` here.
+/// The rows, in table order.
 pub const TARGETS: &[Target] = &[
     Target {
         name: "direct",
@@ -110,7 +110,7 @@ pub const TARGETS: &[Target] = &[
         via: Via::Tollgate,
         path: "/tokens/v1/chat/completions",
         keyed: true,
-        pending: Some("pricing not yet available"),
+        pending: None,
     },
     Target {
         name: "sse",
@@ -130,11 +130,11 @@ pub const TARGETS: &[Target] = &[
     },
 ];
 
-/// tollgate's routes, one inline table per line (see [`TARGETS`] for the token-priced one).
+/// tollgate's routes, one inline table per line.
 const ROUTES: &str = r#"routes = [
     { name = "public", path_prefix = "/public", upstream = "stub", public = true },
     { name = "metered", path_prefix = "/metered", upstream = "stub", cost = 0.001 },
-    # { name = "tokens", path_prefix = "/tokens", upstream = "stub", pricing = { input_per_1k_tokens = 0.5, output_per_1k_tokens = 1.5, reserve = 1 } },
+    { name = "tokens", path_prefix = "/tokens", upstream = "stub", pricing = { input_per_1k_tokens = 0.5, output_per_1k_tokens = 1.5, reserve = 1 } },
 ]
 "#;
 
