@@ -47,39 +47,44 @@ if deadline > 0 then
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then return {7} end
 end
 
-if redis.call('EXISTS', acct) == 0 then return {1} end
-local cur_tier = redis.call('HGET', acct, 'tier')
-if cur_tier ~= tier then return {6, cur_tier or ''} end
-local status = redis.call('HGET', acct, 'status') or 'active'
+-- Every field the checks need, in one call (the hash exists iff it has a tier).
+local ak = 'a:' .. action
+local function read()
+  return redis.call('HMGET', acct, 'tier', 'status', 'grace_until', 'period_end', 'req_h_idx',
+    'req_h', 'req_p', ak .. ':hidx', ak .. ':h', ak .. ':p', 'allowance', 'purchased')
+end
+local f = read()
+local cur_tier = f[1]
+if not cur_tier then return {1} end
+if cur_tier ~= tier then return {6, cur_tier} end
+local status = f[2] or 'active'
 -- Past due (a failed subscription invoice): served as usual until the grace deadline; after
 -- it the allowance is frozen and only purchased credits pay, until an invoice is paid.
 local frozen = false
 if status == 'past_due' then
-  frozen = now_s >= tonumber(redis.call('HGET', acct, 'grace_until') or '0')
+  frozen = now_s >= tonumber(f[3] or '0')
 elseif status ~= 'active' then
   return {5, status}
 end
 
-roll_period(acct, stream, account_id, monthly, now_s, now_ms, charge_id)
-local period_end = tonumber(redis.call('HGET', acct, 'period_end'))
+if now_s >= tonumber(f[4] or '0') then
+  roll_period(acct, stream, account_id, monthly, now_s, now_ms, charge_id)
+  f = read()
+end
+local period_end = tonumber(f[4])
 
 -- Quotas: fixed windows, the hour on the clock and the billing period.
 local hour = math.floor(now_s / 3600)
 local until_hour = (hour + 1) * 3600 - now_s
 local req_h = 0
-if tonumber(redis.call('HGET', acct, 'req_h_idx') or '-1') == hour then
-  req_h = tonumber(redis.call('HGET', acct, 'req_h') or '0')
-end
+if tonumber(f[5] or '-1') == hour then req_h = tonumber(f[6] or '0') end
 if per_hour > 0 and req_h >= per_hour then return {3, 'requests_per_hour', per_hour, until_hour} end
-local req_p = tonumber(redis.call('HGET', acct, 'req_p') or '0')
+local req_p = tonumber(f[7] or '0')
 if per_month > 0 and req_p >= per_month then return {3, 'requests_per_month', per_month, period_end - now_s} end
-local ak = 'a:' .. action
 local a_h = 0
-if tonumber(redis.call('HGET', acct, ak .. ':hidx') or '-1') == hour then
-  a_h = tonumber(redis.call('HGET', acct, ak .. ':h') or '0')
-end
+if tonumber(f[8] or '-1') == hour then a_h = tonumber(f[9] or '0') end
 if act_hour > 0 and a_h >= act_hour then return {3, 'action_per_hour:' .. action, act_hour, until_hour} end
-local a_p = tonumber(redis.call('HGET', acct, ak .. ':p') or '0')
+local a_p = tonumber(f[10] or '0')
 if act_month > 0 and a_p >= act_month then return {3, 'action_per_month:' .. action, act_month, period_end - now_s} end
 
 -- Concurrency: leases that expire on their own, so a crashed instance cannot leak a slot.
@@ -89,8 +94,8 @@ if max_conc > 0 then
 end
 
 -- Balance: allowance first, then purchased.
-local allowance = tonumber(redis.call('HGET', acct, 'allowance') or '0')
-local purchased = tonumber(redis.call('HGET', acct, 'purchased') or '0')
+local allowance = tonumber(f[11] or '0')
+local purchased = tonumber(f[12] or '0')
 local from_allow, from_purch = 0, 0
 -- A frozen allowance counts as zero (also on unlimited tiers); replies report it so.
 local usable = allowance
@@ -104,11 +109,14 @@ if monthly >= 0 or frozen then
   end
   from_allow = math.min(math.max(usable, 0), take)
   from_purch = take - from_allow
-  if from_allow ~= 0 then allowance = redis.call('HINCRBY', acct, 'allowance', int(-from_allow)) end
-  if from_purch ~= 0 then purchased = redis.call('HINCRBY', acct, 'purchased', int(-from_purch)) end
+  allowance = allowance - from_allow
+  purchased = purchased - from_purch
 end
 
-redis.call('HSET', acct, 'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
+-- One write for the buckets and the counters (the script is atomic: the values read above are
+-- still current).
+redis.call('HSET', acct, 'allowance', int(allowance), 'purchased', int(purchased),
+  'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
   ak .. ':h', a_h + 1, ak .. ':hidx', hour, ak .. ':p', a_p + 1)
 if max_conc > 0 then
   redis.call('ZADD', leases, now_ms + lease_ttl, charge_id)
