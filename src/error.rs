@@ -63,6 +63,14 @@ pub enum GatewayError {
     #[error("{}", model_note(.model.as_deref()))]
     ModelNotPriced { model: Option<String> },
 
+    #[error("the {tier} tier allows {limit} {resource}; remove one or upgrade")]
+    LimitReached {
+        resource: String,
+        limit: u64,
+        tier: String,
+        required_tier: Option<String>,
+    },
+
     #[error("the upstream could not be reached{}", refund_note(*.refunded))]
     UpstreamUnavailable { refunded: bool },
 
@@ -93,7 +101,9 @@ impl GatewayError {
         match self {
             GatewayError::RouteNotFound { .. } => 404,
             GatewayError::MissingCredentials | GatewayError::InvalidCredentials => 401,
-            GatewayError::AccountInactive { .. } | GatewayError::FeatureNotInTier { .. } => 403,
+            GatewayError::AccountInactive { .. }
+            | GatewayError::FeatureNotInTier { .. }
+            | GatewayError::LimitReached { .. } => 403,
             GatewayError::InsufficientCredits { .. } => 402,
             GatewayError::RateLimited { .. }
             | GatewayError::QuotaExceeded { .. }
@@ -121,6 +131,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::MeteringUnavailable => "metering_unavailable",
             GatewayError::ModelNotPriced { .. } => "model_not_priced",
+            GatewayError::LimitReached { .. } => "limit_reached",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::Internal => "internal_error",
@@ -183,6 +194,17 @@ impl GatewayError {
             }
             GatewayError::ModelNotPriced { model } => {
                 body.insert("model".into(), json!(model));
+            }
+            GatewayError::LimitReached {
+                resource,
+                limit,
+                tier,
+                required_tier,
+            } => {
+                body.insert("resource".into(), json!(resource));
+                body.insert("limit".into(), json!(limit));
+                body.insert("tier".into(), json!(tier));
+                body.insert("required_tier".into(), json!(required_tier));
             }
             _ => {}
         }

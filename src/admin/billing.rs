@@ -127,6 +127,7 @@ pub async fn checkout_pack(
             account_id: &body.account_id,
             customer_id: &customer,
             price_id,
+            setup_price_id: None,
             metadata: metadata(&[
                 ("account_id", &body.account_id),
                 ("pack_id", &pack.id),
@@ -216,6 +217,20 @@ pub async fn checkout_subscription(
         ],
         body.idempotency_key.as_deref(),
     )?;
+    // A tier's setup fee is charged once: on the account's first subscription.
+    let first: bool = !sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE account_id = $1)",
+    )
+    .bind(&body.account_id)
+    .fetch_one(&state.pg)
+    .await?;
+    let tier = config.tier(&body.tier);
+    let setup_price_id = tier
+        .filter(|t| first && t.raw.setup_fee_cents.is_some())
+        .and_then(|t| t.raw.stripe_setup_price_id.clone());
+    let setup_fee_cents = setup_price_id
+        .as_ref()
+        .and(tier.and_then(|t| t.raw.setup_fee_cents));
     let stripe = client::client(cfg)?;
     let customer = client::ensure_customer(&state.pg, cfg, &stripe, &body.account_id).await?;
     let session = client::subscription_session(
@@ -225,6 +240,7 @@ pub async fn checkout_subscription(
             account_id: &body.account_id,
             customer_id: &customer,
             price_id: &price_id,
+            setup_price_id: setup_price_id.as_deref(),
             metadata: metadata(&[
                 ("account_id", &body.account_id),
                 ("tier", &body.tier),
@@ -245,6 +261,7 @@ pub async fn checkout_subscription(
         "tier": body.tier,
         "interval": interval.as_str(),
         "customer_id": customer,
+        "setup_fee_cents": setup_fee_cents,
     })))
 }
 

@@ -15,6 +15,9 @@ pub enum AdminError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The tier's `max_keys` seats are all taken.
+    #[error("the {tier} tier has {limit} seats (active API keys) and all are taken; revoke a key or upgrade")]
+    SeatLimit { tier: String, limit: u32 },
     #[error("unknown tier {0:?}")]
     UnknownTier(String),
     #[error("a backing store is unavailable")]
@@ -38,7 +41,7 @@ impl AdminError {
             AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AdminError::BadRequest(_) | AdminError::UnknownTier(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Conflict(_) | AdminError::SeatLimit { .. } => StatusCode::CONFLICT,
             AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Stripe(_) => StatusCode::BAD_GATEWAY,
@@ -53,6 +56,7 @@ impl AdminError {
             AdminError::BadRequest(_) => "invalid_request",
             AdminError::NotFound(_) => "not_found",
             AdminError::Conflict(_) => "conflict",
+            AdminError::SeatLimit { .. } => "seat_limit_reached",
             AdminError::UnknownTier(_) => "unknown_tier",
             AdminError::Unavailable(_) => "store_unavailable",
             AdminError::Internal(_) => "internal_error",

@@ -31,16 +31,35 @@ pub async fn create(
             "name must be at most 200 characters".into(),
         ));
     }
-    if crate::store::accounts::get(&state.pg, &account_id)
-        .await?
-        .is_none()
-    {
+    let Some(account) = crate::store::accounts::get(&state.pg, &account_id).await? else {
         return Err(AdminError::NotFound(format!("no account {account_id:?}")));
-    }
+    };
     let (key, prefix, hash) = crate::auth::keys::generate();
     let id = crate::auth::keys::new_key_id();
-    let created_at =
-        crate::store::keys::insert(&state.pg, &id, &account_id, &name, &prefix, &hash).await?;
+    // Seats: a tier with `max_keys` caps the account's live keys (team members).
+    let seats = state
+        .config()
+        .tier(&account.tier)
+        .and_then(|t| t.raw.max_keys);
+    let created_at = match seats {
+        Some(cap) => crate::store::keys::insert_capped(
+            &state.pg,
+            &id,
+            &account_id,
+            &name,
+            &prefix,
+            &hash,
+            cap,
+        )
+        .await?
+        .ok_or(AdminError::SeatLimit {
+            tier: account.tier.clone(),
+            limit: cap,
+        })?,
+        None => {
+            crate::store::keys::insert(&state.pg, &id, &account_id, &name, &prefix, &hash).await?
+        }
+    };
     tracing::info!(key_id = %id, account = %account_id, "API key created");
     Ok((
         StatusCode::CREATED,

@@ -153,6 +153,8 @@ pub struct RouteConfig {
     pub public: bool,
     pub fail_mode: FailMode,
     pub cap_max_tokens: bool,
+    /// The resource this route adds to or removes from (`counts`), and by how much.
+    pub counts: Option<(String, i64)>,
 }
 
 impl RouteConfig {

@@ -321,6 +321,10 @@ pub struct Route {
     /// Lower the request's `max_tokens` to what the caller's balance can pay for.
     #[serde(default)]
     pub cap_max_tokens: bool,
+    /// Resources a successful request adds or removes, e.g. `{ agents = 1 }` on "create agent"
+    /// and `{ agents = -1 }` on "delete agent"; capped by the tier's `limits`.
+    #[serde(default)]
+    pub counts: BTreeMap<String, i64>,
 }
 
 fn default_refund_on() -> Vec<RefundOn> {
@@ -418,6 +422,10 @@ pub struct ActionQuota {
     pub per_hour: Option<u64>,
     #[serde(default)]
     pub per_month: Option<u64>,
+    /// Requests of this action in flight per account (e.g. 1 open sandbox session), apart
+    /// from the tier-wide `max_concurrent`.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -438,6 +446,23 @@ pub struct Tier {
     pub rate_per_second: Option<u32>,
     #[serde(default)]
     pub low_balance_credits: Option<Credits>,
+    /// Tokens (in + out, as settled on token-priced routes) per billing period.
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+    /// Seats: active API keys an account of this tier may have (team members sharing one
+    /// balance).
+    #[serde(default)]
+    pub max_keys: Option<u32>,
+    /// Caps on resources the routes count (`counts`), e.g. `{ agents = 3 }`; a resource not
+    /// listed is unlimited.
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
+    /// One-time setup fee added to the first subscription checkout (needs
+    /// `stripe_setup_price_id` when Stripe is configured).
+    #[serde(default)]
+    pub setup_fee_cents: Option<u64>,
+    #[serde(default)]
+    pub stripe_setup_price_id: Option<String>,
     #[serde(default)]
     pub features: Vec<String>,
     /// Monthly list price, used to name "the cheapest tier that has it" and for reports.

@@ -370,6 +370,11 @@ pub(super) fn validate(
         .iter()
         .map(|r| r.action.clone().unwrap_or_else(|| r.name.clone()))
         .collect();
+    let all_counted: BTreeSet<&str> = raw
+        .routes
+        .iter()
+        .flat_map(|r| r.counts.keys().map(String::as_str))
+        .collect();
     let mut tiers = BTreeMap::new();
     for (name, t) in &raw.tiers {
         let f = format!("tiers.{name}");
@@ -387,6 +392,8 @@ pub(super) fn validate(
             ("max_request_mb", t.max_request_mb),
             ("max_concurrent", t.max_concurrent.map(u64::from)),
             ("rate_per_second", t.rate_per_second.map(u64::from)),
+            ("tokens_per_month", t.tokens_per_month),
+            ("max_keys", t.max_keys.map(u64::from)),
         ] {
             if v == Some(0) {
                 p.add(
@@ -406,13 +413,39 @@ pub(super) fn validate(
                 "must be a lowercase ISO 4217 code such as \"usd\"",
             );
         }
-        for action in t.action_quotas.keys() {
+        for (action, q) in &t.action_quotas {
             if !all_actions.contains(action) {
                 p.add(
                     format!("{f}.action_quotas.{action}"),
                     format!("no route has action {action:?}"),
                 );
             }
+            if q.max_concurrent == Some(0) {
+                p.add(
+                    format!("{f}.action_quotas.{action}.max_concurrent"),
+                    "must be at least 1 (omit it for no limit)",
+                );
+            }
+        }
+        for resource in t.limits.keys() {
+            if !is_name(resource) {
+                p.add(
+                    format!("{f}.limits.{resource}"),
+                    "resource names must be letters, digits, '_', '-', '.'",
+                );
+            } else if !all_counted.contains(resource.as_str()) {
+                p.add(
+                    format!("{f}.limits.{resource}"),
+                    format!("no route counts {resource:?} (set counts = {{ {resource} = 1 }} on the route that creates one)"),
+                );
+            }
+        }
+        if t.setup_fee_cents.is_some() && raw.stripe.is_some() && t.stripe_setup_price_id.is_none()
+        {
+            p.add(
+                format!("{f}.stripe_setup_price_id"),
+                "a setup fee needs the Stripe price that charges it (a one-time price)",
+            );
         }
         for (i, feature) in t.features.iter().enumerate() {
             if !is_name(feature) {
@@ -507,6 +540,29 @@ pub(super) fn validate(
             }
             (None, None) => None,
         };
+        if r.counts.len() > 1 {
+            p.add(format!("{f}.counts"), "a route counts at most one resource");
+        }
+        for (resource, delta) in &r.counts {
+            if !is_name(resource) {
+                p.add(
+                    format!("{f}.counts.{resource}"),
+                    "resource names must be letters, digits, '_', '-', '.'",
+                );
+            }
+            if *delta == 0 || delta.unsigned_abs() > 1_000_000 {
+                p.add(
+                    format!("{f}.counts.{resource}"),
+                    "must be a non-zero whole number (1 to add one, -1 to remove one)",
+                );
+            }
+        }
+        if r.public && !r.counts.is_empty() {
+            p.add(
+                format!("{f}.counts"),
+                "a public route is not metered: it cannot count",
+            );
+        }
         if r.cap_max_tokens {
             let output_priced = r.pricing.as_ref().is_some_and(|pr| {
                 pr.output_per_1k_tokens.is_some()
@@ -561,6 +617,7 @@ pub(super) fn validate(
             public: r.public,
             fail_mode: r.fail_mode,
             cap_max_tokens: r.cap_max_tokens,
+            counts: r.counts.iter().next().map(|(k, v)| (k.clone(), *v)),
         }));
     }
 

@@ -1,6 +1,7 @@
 -- debit: the hot path, one call per metered request, atomic on one hash slot.
 -- KEYS: 1 account hash, 2 shard usage stream, 3 account lease zset, 4 shard holds zset,
---       5 shard hold records hash (4 and 5 are used only when ARGV[17] asks for a hold)
+--       5 shard hold records hash (4 and 5 are used only when ARGV[17] asks for a hold),
+--       6 the account's lease zset for this action (used only when ARGV[23] > 0)
 -- ARGV: 1 account id, 2 expected tier, 3 monthly credits (µc, -1 = unlimited), 4 cost (µc),
 --       5 now (unix ms), 6 request id, 7 route, 8 action,
 --       9 requests/hour, 10 requests/month, 11 action/hour, 12 action/month (0 = no limit),
@@ -11,6 +12,10 @@
 --          settle.lua, and settled at itself by whichever instance finds the hold expired
 --       18 wanted (µc; holds only): take up to this much when the balance has it, but at
 --          least ARGV[4] (which alone decides admission); -1 = all that is available
+--       19 tokens per period (0 = no limit; counted by settle.lua as `tok_p`)
+--       20 resource this request counts ('' = none), 21 its delta, 22 the tier's limit on it
+--          (-1 = unlimited)
+--       23 requests of this action in flight (0 = no limit)
 -- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end,
 --         taken (µc: the amount debited and journaled; nominal on unlimited tiers)}
 --        {1}                                 account not in Redis: hydrate and retry
@@ -21,6 +26,7 @@
 --                                            its grace deadline as usual, then with the
 --                                            allowance frozen, reported as 0)
 --        {6, tier}                           tier differs from the caller's cached one
+--        {8, resource, limit}                the resource is at the tier's limit
 --        {7}                                 ran after ARGV[16], the caller's deadline in
 --                                            Redis's clock (unix ms; 0 = none): the caller
 --                                            has given up waiting, so nothing is charged
@@ -39,6 +45,10 @@ local hold_ttl = tonumber(ARGV[17] or '0')
 -- Integers as exact text: Lua would print 10^15 as 1e+15, which HINCRBY refuses.
 local function int(n) return string.format('%d', n) end
 local wanted = tonumber(ARGV[18] or '0')
+local tok_limit = tonumber(ARGV[19] or '0')
+local resource, r_delta, r_limit = ARGV[20] or '', tonumber(ARGV[21] or '0'), tonumber(ARGV[22] or '-1')
+local act_conc = tonumber(ARGV[23] or '0')
+local rk = 'r:' .. resource
 
 -- A call that waited in a busy Redis past the caller's timeout must not charge: the caller
 -- has already answered 503 (or forwarded unmetered) and will never refund it.
@@ -51,7 +61,7 @@ end
 local ak = 'a:' .. action
 local function read()
   return redis.call('HMGET', acct, 'tier', 'status', 'grace_until', 'period_end', 'req_h_idx',
-    'req_h', 'req_p', ak .. ':hidx', ak .. ':h', ak .. ':p', 'allowance', 'purchased')
+    'req_h', 'req_p', ak .. ':hidx', ak .. ':h', ak .. ':p', 'allowance', 'purchased', 'tok_p', rk)
 end
 local f = read()
 local cur_tier = f[1]
@@ -86,11 +96,20 @@ if tonumber(f[8] or '-1') == hour then a_h = tonumber(f[9] or '0') end
 if act_hour > 0 and a_h >= act_hour then return {3, 'action_per_hour:' .. action, act_hour, until_hour} end
 local a_p = tonumber(f[10] or '0')
 if act_month > 0 and a_p >= act_month then return {3, 'action_per_month:' .. action, act_month, period_end - now_s} end
+if tok_limit > 0 and tonumber(f[13] or '0') >= tok_limit then return {3, 'tokens_per_month', tok_limit, period_end - now_s} end
+local r_count = tonumber(f[14] or '0')
+if resource ~= '' and r_delta > 0 and r_limit >= 0 and r_count + r_delta > r_limit then
+  return {8, resource, r_limit}
+end
 
 -- Concurrency: leases that expire on their own, so a crashed instance cannot leak a slot.
 if max_conc > 0 then
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
   if redis.call('ZCARD', leases) >= max_conc then return {4, max_conc} end
+end
+if act_conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now_ms)
+  if redis.call('ZCARD', KEYS[6]) >= act_conc then return {4, act_conc} end
 end
 
 -- Balance: allowance first, then purchased.
@@ -118,9 +137,16 @@ end
 redis.call('HSET', acct, 'allowance', int(allowance), 'purchased', int(purchased),
   'req_h', req_h + 1, 'req_h_idx', hour, 'req_p', req_p + 1,
   ak .. ':h', a_h + 1, ak .. ':hidx', hour, ak .. ':p', a_p + 1)
+if resource ~= '' then
+  redis.call('HSET', acct, rk, int(math.max(r_count + r_delta, 0)))
+end
 if max_conc > 0 then
   redis.call('ZADD', leases, now_ms + lease_ttl, charge_id)
   redis.call('PEXPIRE', leases, lease_ttl)
+end
+if act_conc > 0 then
+  redis.call('ZADD', KEYS[6], now_ms + lease_ttl, charge_id)
+  redis.call('PEXPIRE', KEYS[6], lease_ttl)
 end
 if hold_ttl > 0 then
   -- acct|held|from_allow|from_purch|unlimited|extensions|route|action|tier|request id (last:

@@ -3,7 +3,7 @@
 -- Takes the step when the balance has it, else what is left (never below zero), and says so:
 -- the caller then ends the stream. Each amount taken is journaled (`extend`).
 -- KEYS: 1 account hash, 2 shard usage stream, 3 shard holds zset, 4 shard hold records hash,
---       5 account lease zset
+--       5 account lease zset, 6 the account's lease zset for the request's action
 -- ARGV: 1 charge id, 2 step (µc; 0 = only renew the hold's and the lease's expiry),
 --       3 now (ms), 4 ttl (ms), 5 reason
 -- Reply: {0, taken, held, short (1 = took less than the step), balance after}
@@ -14,9 +14,11 @@ local now_ms, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local h = read_hold(data, charge_id)
 if not h or redis.call('EXISTS', acct) == 0 then return {1} end
 redis.call('ZADD', holds, 'XX', now_ms + ttl, charge_id)
-if redis.call('ZSCORE', leases, charge_id) then
-  redis.call('ZADD', leases, 'XX', now_ms + ttl, charge_id)
-  if redis.call('PTTL', leases) < ttl then redis.call('PEXPIRE', leases, ttl) end
+for _, zset in ipairs({leases, KEYS[6]}) do
+  if redis.call('ZSCORE', zset, charge_id) then
+    redis.call('ZADD', zset, 'XX', now_ms + ttl, charge_id)
+    if redis.call('PTTL', zset) < ttl then redis.call('PEXPIRE', zset, ttl) end
+  end
 end
 local usable, allowance = usable_allowance(acct, now_ms)
 local purchased = tonumber(redis.call('HGET', acct, 'purchased') or '0')

@@ -21,6 +21,8 @@ pub struct SettleRequest<'a> {
     pub status: u16,
     pub duration_ms: u64,
     pub reason: &'a str,
+    /// The request's action (its per-action lease is released with the hold).
+    pub action: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,7 @@ impl Ledger {
                     .key(&k.holds)
                     .key(&k.hold_data)
                     .key(&k.leases)
+                    .key(k.action_leases(r.action))
                     .arg(r.charge_id)
                     .arg(r.cost.map_or(0, Credits::micros))
                     .arg(super::now_ms())
@@ -96,6 +99,7 @@ impl Ledger {
         step: Credits,
         ttl_ms: u64,
         reason: &str,
+        action: &str,
     ) -> Result<Option<Extended>, LedgerError> {
         let k = self.keys(account_id);
         let reply: Vec<Value> = self
@@ -106,6 +110,7 @@ impl Ledger {
                     .key(&k.holds)
                     .key(&k.hold_data)
                     .key(&k.leases)
+                    .key(k.action_leases(action))
                     .arg(charge_id)
                     .arg(step.micros())
                     .arg(super::now_ms())
@@ -127,14 +132,14 @@ impl Ledger {
         })
     }
 
-    /// Expired holds of one shard: `(charge id, account id)`, at most `limit`.
+    /// Expired holds of one shard: `(charge id, account id, action)`, at most `limit`.
     pub async fn expired_holds(
         &self,
         conn: &mut ConnectionManager,
         shard: u32,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Vec<(String, String)>, LedgerError> {
+    ) -> Result<Vec<(String, String, String)>, LedgerError> {
         let reply: Vec<String> = self
             .timed(
                 self.sweep
@@ -146,8 +151,8 @@ impl Ledger {
             )
             .await?;
         Ok(reply
-            .chunks_exact(2)
-            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .chunks_exact(3)
+            .map(|t| (t[0].clone(), t[1].clone(), t[2].clone()))
             .collect())
     }
 
@@ -160,7 +165,7 @@ impl Ledger {
                     .expired_holds(conn, shard, super::now_ms(), 100)
                     .await?;
                 let batch = expired.len();
-                for (charge_id, account_id) in expired {
+                for (charge_id, account_id, action) in expired {
                     let outcome = self
                         .settle(
                             conn,
@@ -169,6 +174,7 @@ impl Ledger {
                                 charge_id: &charge_id,
                                 cost: None,
                                 reason: "hold_expired",
+                                action: &action,
                                 ..SettleRequest::default()
                             },
                         )

@@ -62,6 +62,11 @@ impl AccountKeys {
         }
     }
 
+    /// Leases of one action of the account (`action_quotas.<action>.max_concurrent`).
+    pub fn action_leases(&self, action: &str) -> String {
+        format!("{}:{action}", self.leases)
+    }
+
     /// Idempotency mark for an external id (grant key, Stripe event, refund of a request).
     pub fn seen(&self, external_id: &str) -> String {
         let tag_end = self.account.find("}:").map_or(0, |i| i + 1);

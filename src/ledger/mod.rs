@@ -66,6 +66,12 @@ pub struct DebitRequest<'a> {
     pub hold_ttl_ms: u64,
     /// Holds only: take up to this much when available (at least `cost`); `None` = all.
     pub wanted: Option<Credits>,
+    /// The tier's tokens per period (0 = no limit).
+    pub tokens_per_month: u64,
+    /// The resource the route counts, its delta, and the tier's limit (`None` = unlimited).
+    pub counts: Option<(&'a str, i64, Option<u64>)>,
+    /// Requests of this action in flight (0 = no limit).
+    pub action_max_concurrent: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +108,11 @@ pub enum DebitOutcome {
     },
     /// The script ran after the caller's deadline and charged nothing.
     Expired,
+    /// The counted resource is at the tier's limit.
+    LimitReached {
+        resource: String,
+        limit: u64,
+    },
 }
 
 /// One credit movement outside the hot path.
@@ -171,6 +182,7 @@ pub struct Ledger {
     settle: Script,
     extend: Script,
     sweep: Script,
+    uncount: Script,
 }
 
 fn int(v: &Value) -> Option<i64> {
@@ -215,6 +227,7 @@ impl Ledger {
             settle: Script::new(&format!("{HOLD_LUA}\n{}", include_str!("settle.lua"))),
             extend: Script::new(&format!("{HOLD_LUA}\n{}", include_str!("extend.lua"))),
             sweep: Script::new(include_str!("sweep.lua")),
+            uncount: Script::new(include_str!("uncount.lua")),
         }
     }
 
@@ -277,6 +290,7 @@ impl Ledger {
                     .key(&k.leases)
                     .key(&k.holds)
                     .key(&k.hold_data)
+                    .key(k.action_leases(r.action))
                     .arg(r.account_id)
                     .arg(r.tier)
                     .arg(monthly)
@@ -295,6 +309,15 @@ impl Ledger {
                     .arg(r.deadline_ms)
                     .arg(r.hold_ttl_ms)
                     .arg(r.wanted.map_or(-1, Credits::micros))
+                    .arg(r.tokens_per_month)
+                    .arg(r.counts.map_or("", |c| c.0))
+                    .arg(r.counts.map_or(0, |c| c.1))
+                    .arg(
+                        r.counts
+                            .and_then(|c| c.2)
+                            .map_or(-1, |l| l.min(i64::MAX as u64) as i64),
+                    )
+                    .arg(r.action_max_concurrent)
                     .invoke_async(conn),
             )
             .await?;
@@ -329,6 +352,10 @@ impl Ledger {
                 tier: reply.get(1).and_then(text).unwrap_or_default(),
             },
             7 => DebitOutcome::Expired,
+            8 => DebitOutcome::LimitReached {
+                resource: reply.get(1).and_then(text).unwrap_or_default(),
+                limit: at(2)?.max(0) as u64,
+            },
             _ => return Err(reply_err(&reply)),
         })
     }
@@ -446,14 +473,37 @@ impl Ledger {
         conn: &mut ConnectionManager,
         account_id: &str,
         charge_id: &str,
+        action: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        let k = self.keys(account_id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(&k.leases).arg(charge_id).ignore();
+        if let Some(action) = action {
+            pipe.cmd("ZREM")
+                .arg(k.action_leases(action))
+                .arg(charge_id)
+                .ignore();
+        }
+        let () = self.timed(pipe.query_async(conn)).await?;
+        Ok(())
+    }
+
+    /// Takes back a resource count of a request that did not succeed.
+    pub async fn uncount(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+        resource: &str,
+        delta: i64,
     ) -> Result<(), LedgerError> {
         let k = self.keys(account_id);
         let _: i64 = self
             .timed(
-                redis::cmd("ZREM")
-                    .arg(&k.leases)
-                    .arg(charge_id)
-                    .query_async(conn),
+                self.uncount
+                    .key(&k.account)
+                    .arg(resource)
+                    .arg(delta)
+                    .invoke_async(conn),
             )
             .await?;
         Ok(())

@@ -60,7 +60,7 @@ local function roll_period(acct, stream, account_id, monthly, now_s, now_ms, cha
   local purchased = tonumber(redis.call('HGET', acct, 'purchased') or '0')
   local new_allowance = 0
   if monthly >= 0 then new_allowance = monthly end
-  redis.call('HSET', acct, 'allowance', new_allowance, 'period_start', period_start, 'period_end', period_end, 'req_p', 0)
+  redis.call('HSET', acct, 'allowance', new_allowance, 'period_start', period_start, 'period_end', period_end, 'req_p', 0, 'tok_p', 0)
   local fields = redis.call('HKEYS', acct)
   for _, f in ipairs(fields) do
     if string.sub(f, 1, 2) == 'a:' and string.sub(f, -2) == ':p' then

@@ -4,7 +4,7 @@
 -- recorded, and an account in debt gets 402 until a top-up pays the debt). Journals one
 -- `settle` entry with the measured usage. Exactly once per hold: whoever removes it wins.
 -- KEYS: 1 account hash, 2 shard usage stream, 3 shard holds zset, 4 shard hold records hash,
---       5 account lease zset
+--       5 account lease zset, 6 the account's lease zset for the request's action
 -- ARGV: 1 charge id, 2 true cost (µc; ignored when ARGV[9] = "1"), 3 now (ms),
 --       4 tokens in, 5 tokens out, 6 upstream status, 7 duration (ms), 8 reason,
 --       9 "1" = settle at what is held (an expired hold: its true cost is unknown)
@@ -21,7 +21,11 @@ end
 redis.call('HDEL', data, charge_id)
 redis.call('ZREM', holds, charge_id)
 redis.call('ZREM', leases, charge_id)
+redis.call('ZREM', KEYS[6], charge_id)
 if redis.call('EXISTS', acct) == 0 then return {2} end
+-- Tokens count against the tier's tokens_per_month.
+local tokens = (tonumber(ARGV[4]) or 0) + (tonumber(ARGV[5]) or 0)
+if tokens > 0 then redis.call('HINCRBY', acct, 'tok_p', int(tokens)) end
 
 local cost = tonumber(ARGV[2])
 if ARGV[9] == '1' then cost = h.held end

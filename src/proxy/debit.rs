@@ -30,6 +30,11 @@ pub struct Charge {
     pub lease: bool,
     /// The amount is held until settle (metered routes), not final.
     pub hold: bool,
+    /// The route's action (its per-action lease, if any, is released with the charge).
+    pub action: String,
+    pub action_lease: bool,
+    /// The resource this request counted (taken back if the request does not succeed).
+    pub counted: Option<(String, i64)>,
 }
 
 /// What to debit: a fixed price, or a hold for a metered route.
@@ -94,6 +99,12 @@ pub async fn debit(
         deadline_ms: 0,
         hold_ttl_ms: ask.hold.map_or(0, |h| h.ttl_ms),
         wanted: ask.hold.and_then(|h| h.wanted),
+        tokens_per_month: t.tokens_per_month.unwrap_or(0),
+        counts: route
+            .counts
+            .as_ref()
+            .map(|(resource, delta)| (resource.as_str(), *delta, t.limits.get(resource).copied())),
+        action_max_concurrent: quota.and_then(|q| q.max_concurrent).unwrap_or(0),
     };
     let mut request = request;
     let mut conn = state.redis.clone();
@@ -143,8 +154,11 @@ pub async fn debit(
                     remaining,
                     low,
                     low_threshold: t.low_balance_credits,
-                    lease: request.max_concurrent > 0,
+                    lease: request.max_concurrent > 0 || request.action_max_concurrent > 0,
                     hold: ask.hold.is_some(),
+                    action: route.action.clone(),
+                    action_lease: request.action_max_concurrent > 0,
+                    counted: route.counts.clone(),
                 }));
             }
             DebitOutcome::Missing if attempt == 0 => {
@@ -234,6 +248,32 @@ pub async fn debit(
                     .caches
                     .apply(&format!("account:{}", identity.account_id));
                 return Ok(Debit::TierChanged(tier));
+            }
+            DebitOutcome::LimitReached { resource, limit } => {
+                state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&["limit_reached"])
+                    .inc();
+                let required_tier = snap
+                    .config
+                    .tiers
+                    .values()
+                    .filter(|other| other.raw.limits.get(&resource).is_none_or(|l| *l > limit))
+                    .min_by_key(|other| {
+                        (
+                            other.raw.price_cents_monthly.unwrap_or(0),
+                            other.raw.limits.get(&resource).copied().unwrap_or(u64::MAX),
+                            other.name.clone(),
+                        )
+                    })
+                    .map(|other| other.name.clone());
+                return rejected(GatewayError::LimitReached {
+                    resource,
+                    limit,
+                    tier: tier.name.clone(),
+                    required_tier,
+                });
             }
             DebitOutcome::Expired => {
                 state

@@ -16,6 +16,7 @@ use crate::state::AppState;
 pub struct Hold {
     pub account_id: String,
     pub charge_id: String,
+    pub action: String,
     pub rates: Rates,
     pub started: Instant,
     ttl_ms: u64,
@@ -34,6 +35,7 @@ impl Hold {
     pub fn new(
         account_id: &str,
         charge_id: &str,
+        action: &str,
         rates: Rates,
         held: Credits,
         balance: Option<Credits>,
@@ -42,6 +44,7 @@ impl Hold {
         Arc::new(Hold {
             account_id: account_id.to_string(),
             charge_id: charge_id.to_string(),
+            action: action.to_string(),
             rates,
             started: Instant::now(),
             ttl_ms,
@@ -135,6 +138,7 @@ impl Hold {
                     step,
                     hold.ttl_ms,
                     reason,
+                    &hold.action,
                 )
                 .await
             {
@@ -191,6 +195,7 @@ impl Hold {
                     step,
                     hold.ttl_ms,
                     "stream",
+                    &hold.action,
                 )
                 .await
             {

@@ -345,6 +345,7 @@ impl Gateway {
         let hold = hold::Hold::new(
             &charge.account_id,
             &charge.charge_id,
+            &charge.action,
             rates,
             charge.cost,
             charge.remaining,
@@ -865,6 +866,14 @@ impl ProxyHttp for Gateway {
     ) {
         if ctx.counted_in_flight {
             self.state.metrics.in_flight.dec();
+        }
+        if let Some(charge) = ctx.charge.as_ref().filter(|c| c.counted.is_some()) {
+            // A resource is counted only by a request that succeeded upstream.
+            if ctx.upstream_status.is_none_or(|s| s >= 400) {
+                settle::uncount(&self.state, charge, &ctx.request_id)
+                    .instrument(ctx.span.clone())
+                    .await;
+            }
         }
         if let Some(m) = ctx.metered.as_mut().filter(|m| m.hold.is_some()) {
             settle::finish_hold(

@@ -105,6 +105,21 @@ pub async fn refund(
     }
 }
 
+/// Takes back the resource count of a request that did not succeed upstream.
+pub async fn uncount(state: &AppState, charge: &Charge, request_id: &str) {
+    let Some((resource, delta)) = &charge.counted else {
+        return;
+    };
+    let mut conn = state.redis.clone();
+    if let Err(e) = state
+        .ledger
+        .uncount(&mut conn, &charge.account_id, resource, *delta)
+        .await
+    {
+        tracing::error!(request_id, error = %e, resource, "could not take back a resource count");
+    }
+}
+
 pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
     if !charge.lease {
         return;
@@ -112,7 +127,12 @@ pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
     let mut conn = state.redis.clone();
     if let Err(e) = state
         .ledger
-        .release_lease(&mut conn, &charge.account_id, &charge.charge_id)
+        .release_lease(
+            &mut conn,
+            &charge.account_id,
+            &charge.charge_id,
+            charge.action_lease.then_some(charge.action.as_str()),
+        )
         .await
     {
         // The lease expires by itself (redis.lease_ttl_seconds).
@@ -200,6 +220,7 @@ pub async fn finish_hold(
         status: status.unwrap_or(0),
         duration_ms: hold.started.elapsed().as_millis() as u64,
         reason,
+        action: &hold.action,
     };
     let mut conn = state.redis.clone();
     for attempt in 0..2 {

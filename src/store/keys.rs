@@ -33,6 +33,46 @@ pub async fn insert(
     .await
 }
 
+/// Inserts a key unless the account already has `cap` live keys (`Ok(None)`). The account row
+/// is locked for the check, so concurrent creations cannot both take the last seat.
+pub async fn insert_capped(
+    pool: &PgPool,
+    id: &str,
+    account_id: &str,
+    name: &str,
+    prefix: &str,
+    hash: &[u8],
+    cap: u32,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(account_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= i64::from(cap) {
+        return Ok(None);
+    }
+    let created_at = sqlx::query_scalar(
+        "INSERT INTO api_keys (id, account_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
+         RETURNING created_at",
+    )
+    .bind(id)
+    .bind(account_id)
+    .bind(name)
+    .bind(prefix)
+    .bind(hash)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(created_at))
+}
+
 /// Resolves a live (not revoked) key by hash.
 pub async fn find_by_hash(pool: &PgPool, hash: &[u8]) -> Result<Option<KeyIdentity>, sqlx::Error> {
     sqlx::query_as::<_, KeyIdentity>(

@@ -140,6 +140,8 @@ pub struct SessionRequest<'a> {
     pub account_id: &'a str,
     pub customer_id: &'a str,
     pub price_id: &'a str,
+    /// A one-time price added to the first subscription (the tier's setup fee).
+    pub setup_price_id: Option<&'a str>,
     /// Copied to the session and to the payment intent / subscription.
     pub metadata: HashMap<String, String>,
     pub success_url: &'a str,
@@ -178,14 +180,19 @@ pub async fn subscription_session(
 }
 
 fn base_session(r: &SessionRequest<'_>, mode: CheckoutSessionMode) -> CreateCheckoutSession {
-    let mut item = CreateCheckoutSessionLineItems::new();
-    item.price = Some(r.price_id.to_string());
-    item.quantity = Some(1);
+    let line = |price: &str| {
+        let mut item = CreateCheckoutSessionLineItems::new();
+        item.price = Some(price.to_string());
+        item.quantity = Some(1);
+        item
+    };
+    let mut items = vec![line(r.price_id)];
+    items.extend(r.setup_price_id.map(line));
     CreateCheckoutSession::new()
         .mode(mode)
         .customer(r.customer_id)
         .client_reference_id(r.account_id)
-        .line_items(vec![item])
+        .line_items(items)
         .metadata(r.metadata.clone())
         .success_url(r.success_url)
         .cancel_url(r.cancel_url)
