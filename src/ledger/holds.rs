@@ -91,6 +91,7 @@ impl Ledger {
 
     /// Renews a hold (and its lease) for `ttl_ms`, taking `step` more when it is not zero.
     /// `None`: the hold is gone (settled or swept).
+    #[allow(clippy::too_many_arguments)] // the script's own arguments, one each
     pub async fn extend(
         &self,
         conn: &mut ConnectionManager,
