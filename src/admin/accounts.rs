@@ -153,6 +153,8 @@ async fn account_with_balance(
     let unlimited = config
         .tier(&live.tier)
         .is_some_and(|t| t.raw.monthly_credits == crate::config::MonthlyCredits::Unlimited);
+    let mut conn = state.redis.clone();
+    let counters = state.ledger.counters(&mut conn, &row.id).await?;
     Ok(json!({
         "id": row.id,
         "tier": live.tier,
@@ -165,6 +167,11 @@ async fn account_with_balance(
         "unlimited": unlimited,
         "period_start": chrono::DateTime::from_timestamp(live.period_start, 0),
         "period_end": chrono::DateTime::from_timestamp(live.period_end, 0),
+        "period_usage": {
+            "requests": counters.requests,
+            "tokens": counters.tokens,
+            "resources": counters.resources,
+        },
         "created_at": row.created_at,
     }))
 }

@@ -160,6 +160,14 @@ pub struct AccountState {
     pub period_end: i64,
 }
 
+/// Plan counters of an account (admin view).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub requests: i64,
+    pub tokens: i64,
+    pub resources: std::collections::BTreeMap<String, i64>,
+}
+
 impl AccountState {
     pub fn total(&self) -> Credits {
         self.allowance + self.purchased
@@ -486,6 +494,27 @@ impl Ledger {
         }
         let () = self.timed(pipe.query_async(conn)).await?;
         Ok(())
+    }
+
+    /// The account's plan counters: requests and tokens this period, counted resources.
+    pub async fn counters(
+        &self,
+        conn: &mut ConnectionManager,
+        account_id: &str,
+    ) -> Result<Counters, LedgerError> {
+        let k = self.keys(account_id);
+        let all: std::collections::HashMap<String, String> = self
+            .timed(redis::cmd("HGETALL").arg(&k.account).query_async(conn))
+            .await?;
+        let num = |v: Option<&String>| v.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+        Ok(Counters {
+            requests: num(all.get("req_p")),
+            tokens: num(all.get("tok_p")),
+            resources: all
+                .iter()
+                .filter_map(|(f, v)| Some((f.strip_prefix("r:")?.to_string(), num(Some(v)))))
+                .collect(),
+        })
     }
 
     /// Takes back a resource count of a request that did not succeed.

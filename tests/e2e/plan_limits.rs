@@ -139,7 +139,7 @@ async fn counted_resources_stop_at_the_tier_limit_and_failures_do_not_count() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let app = env.config().toml(resource_config(&up.url())).spawn().await;
-    let (_, key) = app.account_with_key("free").await;
+    let (account, key) = app.account_with_key("free").await;
     let post = reqwest::Method::POST;
     assert_eq!(
         call(&app, &key, post.clone(), "/agents/a").await.status,
@@ -158,6 +158,8 @@ async fn counted_resources_stop_at_the_tier_limit_and_failures_do_not_count() {
     assert_eq!(a.body["limit"], 2);
     assert_eq!(a.body["tier"], "free");
     assert_eq!(a.body["required_tier"], "pro", "{}", a.body);
+    let view = crate::ledger_util::account(&app, &account).await;
+    assert_eq!(view["period_usage"]["resources"]["agents"], 2, "{view}");
     // Deleting one frees a slot.
     let d = call(&app, &key, reqwest::Method::DELETE, "/agents/a").await;
     assert_eq!(d.status, 200);
