@@ -217,11 +217,12 @@ pub async fn checkout_subscription(
         ],
         body.idempotency_key.as_deref(),
     )?;
-    // A tier's setup fee is charged once: on the account's first subscription.
+    // A tier's setup fee is charged once: on the account's first subscription to that tier.
     let first: bool = !sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE account_id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE account_id = $1 AND tier = $2)",
     )
     .bind(&body.account_id)
+    .bind(&body.tier)
     .fetch_one(&state.pg)
     .await?;
     let tier = config.tier(&body.tier);

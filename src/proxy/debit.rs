@@ -262,6 +262,7 @@ pub async fn debit(
                     .filter(|other| other.raw.limits.get(&resource).is_none_or(|l| *l > limit))
                     .min_by_key(|other| {
                         (
+                            other.raw.price_cents_monthly.is_none(),
                             other.raw.price_cents_monthly.unwrap_or(0),
                             other.raw.limits.get(&resource).copied().unwrap_or(u64::MAX),
                             other.name.clone(),

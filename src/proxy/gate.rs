@@ -62,7 +62,8 @@ impl RateLimiters {
     }
 }
 
-/// The cheapest tier (by monthly list price, then monthly credits) listing `feature`.
+/// The cheapest tier (by monthly list price, then monthly credits; tiers without a list price
+/// last) listing `feature`.
 pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
     config
         .tiers
@@ -73,7 +74,9 @@ pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
                 MonthlyCredits::Limited(c) => c.micros(),
                 MonthlyCredits::Unlimited => i64::MAX,
             };
+            // A tier without a list price (custom enterprise deals) sorts after priced ones.
             (
+                t.raw.price_cents_monthly.is_none(),
                 t.raw.price_cents_monthly.unwrap_or(0),
                 credits,
                 t.name.clone(),

@@ -229,3 +229,44 @@ impl Drop for Hold {
         self.stop();
     }
 }
+
+/// Keeps a fixed-price request's concurrency leases alive while it runs (a long session on a
+/// `cost` route must keep its `max_concurrent` slot past `lease_ttl_seconds`). Stops when
+/// dropped with the request's context.
+#[derive(Debug)]
+pub struct LeaseKeeper(tokio::task::AbortHandle);
+
+impl LeaseKeeper {
+    pub fn start(state: Arc<AppState>, charge: &crate::proxy::debit::Charge, ttl_ms: u64) -> Self {
+        let account_id = charge.account_id.clone();
+        let charge_id = charge.charge_id.clone();
+        let action = charge.action_lease.then(|| charge.action.clone());
+        let task = tokio::spawn(async move {
+            let every = Duration::from_millis((ttl_ms / 3).max(100));
+            loop {
+                tokio::time::sleep(every).await;
+                let mut conn = state.redis.clone();
+                if let Err(e) = state
+                    .ledger
+                    .renew_lease(
+                        &mut conn,
+                        &account_id,
+                        &charge_id,
+                        action.as_deref(),
+                        ttl_ms,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, account = %account_id, "could not renew a concurrency lease");
+                }
+            }
+        });
+        LeaseKeeper(task.abort_handle())
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

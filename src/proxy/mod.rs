@@ -73,6 +73,8 @@ pub struct RequestCtx {
     pub counted_in_flight: bool,
     /// Metering state on `pricing` routes (holds, usage, cuts).
     pub metered: Option<meter::Metered>,
+    /// Renews a fixed-price request's concurrency lease while it runs.
+    pub lease_keeper: Option<hold::LeaseKeeper>,
     /// The request's tracing span: every log line of the request carries its id and route.
     pub span: tracing::Span,
 }
@@ -246,8 +248,17 @@ impl Gateway {
                     cost: *cost,
                     hold: None,
                 };
-                self.meter(session, ctx, &snap, &route, &identity, ask, false)
-                    .await
+                let charged = self
+                    .meter(session, ctx, &snap, &route, &identity, ask, false)
+                    .await;
+                if let Some(charge) = ctx.charge.as_ref().filter(|c| c.lease) {
+                    ctx.lease_keeper = Some(hold::LeaseKeeper::start(
+                        Arc::clone(&self.state),
+                        charge,
+                        snap.config.redis.lease_ttl_seconds * 1000,
+                    ));
+                }
+                charged
             }
             Some(Price::Metered(pricing)) => {
                 self.start_metered(session, ctx, &snap, &route, &identity, pricing)
@@ -469,6 +480,7 @@ impl ProxyHttp for Gateway {
             outcome: "forwarded",
             counted_in_flight: false,
             metered: None,
+            lease_keeper: None,
             span: tracing::Span::none(),
         }
     }

@@ -147,7 +147,8 @@ pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
 /// 4. token-priced, no usage, upstream answered < 400 (incl. client disconnect, upstream cut)
 ///    → the larger of what is held and the running estimate: never zero;
 /// 5. token-priced, no usage, upstream error (or none) → the fixed parts only;
-/// 6. not token-priced → exactly what was measured (per request, body size, duration).
+/// 6. not token-priced → exactly what was measured (per request, body size, duration);
+/// 7. an upgraded (WebSocket) session that carried no byte either way → 0.
 ///
 /// Returns the cost (`None` = settle at what is held), the reason and the reported tokens.
 pub fn true_cost(
@@ -168,6 +169,13 @@ pub fn true_cost(
     let reported = usage.unwrap_or_default();
     if let Some(failure) = m.refund {
         return (Some(Credits::ZERO), failure.reason(), reported);
+    }
+    let response_bytes = m.response.as_ref().map_or(0, |r| r.bytes);
+    if status == Some(101) && body_bytes == 0 && response_bytes == 0 {
+        // An upgraded session that never carried a byte either way was dropped at birth (a
+        // client gone at once, or Pingora 0.9 tearing down the tunnel right after the 101,
+        // cloudflare/pingora#946): nothing was served, nothing is charged.
+        return (Some(Credits::ZERO), "upgrade_dropped", reported);
     }
     if m.cut_sent || hold.must_cut() {
         return (None, "insufficient_credits", reported);

@@ -227,9 +227,32 @@ async fn a_websocket_session_is_debited_per_started_step_and_closed_when_credits
         .spawn()
         .await;
     let (account, key) = app.account_with_key("basic").await;
-    let mut ws = WsClient::connect_bearer(&ws_url(app.proxy_addr(), "/voice/ws"), &key).await;
-    ws.send_text("hello").await;
-    assert_eq!(ws.recv_text(Duration::from_secs(5)).await, "hello");
+    // Pingora 0.9 tears down a few percent of upgrades right after the 101
+    // (cloudflare/pingora#946); such a session carries nothing and is charged nothing, so the
+    // client simply reconnects, as a real one would.
+    let mut ws = None;
+    for _ in 0..5 {
+        let mut attempt =
+            WsClient::connect_bearer(&ws_url(app.proxy_addr(), "/voice/ws"), &key).await;
+        if attempt.try_send_text("hello").await.is_ok() {
+            if let Some(crate::ws_client::WsEvent::Text(t)) =
+                attempt.next_event(Duration::from_secs(5)).await
+            {
+                assert_eq!(t, "hello");
+                ws = Some(attempt);
+                break;
+            }
+        }
+        // Wait for the dropped session's settle (0) before trying again.
+        assert!(
+            poll_until(Duration::from_secs(5), || async {
+                total(&app, &account).await == 30_000
+            })
+            .await,
+            "a dropped session was charged"
+        );
+    }
+    let mut ws = ws.expect("no WebSocket session got through in 5 attempts");
     // The first second is paid up front.
     assert_eq!(total(&app, &account).await, 20_000);
 

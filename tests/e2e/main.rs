@@ -13,6 +13,7 @@ mod ai_pricing;
 mod ai_sessions;
 mod auth;
 mod check_config;
+mod deploy_files;
 mod jwt;
 mod ledger_admin;
 mod ledger_buckets;
@@ -24,8 +25,10 @@ mod ledger_metrics;
 mod ledger_quotas;
 mod lifecycle;
 mod metrics;
+mod plan_limits;
 mod proxy_errors;
 mod proxy_passthrough;
+mod recipes;
 mod revocation;
 mod sse;
 
