@@ -63,6 +63,9 @@ pub enum GatewayError {
     #[error("{}", model_note(.model.as_deref()))]
     ModelNotPriced { model: Option<String> },
 
+    #[error("{reason}")]
+    BadRequest { reason: String },
+
     #[error("the {tier} tier allows {limit} {resource}; remove one or upgrade")]
     LimitReached {
         resource: String,
@@ -110,7 +113,7 @@ impl GatewayError {
             | GatewayError::ConcurrencyLimited { .. } => 429,
             GatewayError::PayloadTooLarge { .. } => 413,
             GatewayError::MeteringUnavailable => 503,
-            GatewayError::ModelNotPriced { .. } => 400,
+            GatewayError::ModelNotPriced { .. } | GatewayError::BadRequest { .. } => 400,
             GatewayError::UpstreamUnavailable { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
             GatewayError::Internal => 500,
@@ -131,6 +134,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::MeteringUnavailable => "metering_unavailable",
             GatewayError::ModelNotPriced { .. } => "model_not_priced",
+            GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::LimitReached { .. } => "limit_reached",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",

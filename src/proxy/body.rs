@@ -5,6 +5,10 @@
 
 use serde_json::{Map, Value};
 
+/// Bodies up to this size (declared by Content-Length) are read before the upstream is
+/// contacted: Pingora's retry buffer, which then replays them upstream, holds 64 KiB.
+pub const EARLY_READ_MAX: u64 = 64 * 1024;
+
 /// The most a token-priced request body may be when the tier sets no `max_request_mb`.
 pub const DEFAULT_MAX_BUFFERED: u64 = 32 * 1024 * 1024;
 

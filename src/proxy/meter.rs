@@ -18,6 +18,8 @@ pub struct Metered {
     /// The debit waits for the request body (token-priced routes: the price depends on it).
     pub deferred: bool,
     pub debited: bool,
+    /// The body was read whole in `request_filter` (small, with a Content-Length).
+    pub early: bool,
     /// The buffered request body of a deferred route, and its bound.
     pub body: Vec<u8>,
     pub body_limit: u64,

@@ -267,10 +267,63 @@ impl Gateway {
             None => Err(GatewayError::Internal),
         };
         ctx.identity = Some(identity);
+        let result = match result {
+            Ok(()) => self.reserve_early(session, ctx).await,
+            Err(err) => Err(err),
+        };
         match result {
             Ok(()) => Ok(false),
             Err(err) => self.reject(session, ctx, err).await,
         }
+    }
+
+    /// A token-priced request with a small declared body is read whole here, before anything
+    /// goes upstream: the hold is taken (a refusal never reaches the upstream) and the body
+    /// is forwarded with its exact Content-Length, through Pingora's retry buffer, which holds
+    /// up to [`body::EARLY_READ_MAX`]. Larger or chunked bodies are priced as they arrive
+    /// (`request_body_filter`) and forwarded chunked.
+    async fn reserve_early(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        let Some(m) = ctx.metered.as_mut() else {
+            return Ok(());
+        };
+        let small = content_length(session).is_some_and(|len| len <= body::EARLY_READ_MAX);
+        if !m.deferred || m.debited || !small {
+            return Ok(());
+        }
+        session.enable_retry_buffering();
+        let mut read = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    read.extend_from_slice(&chunk);
+                    if read.len() as u64 > body::EARLY_READ_MAX {
+                        // More than declared: let the framing error surface upstream-side.
+                        return Err(GatewayError::PayloadTooLarge {
+                            limit_mb: m.body_limit / gate::BYTES_PER_MB,
+                        });
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the client's body could not be read");
+                    return Err(GatewayError::BadRequest {
+                        reason: "the request body could not be read".into(),
+                    });
+                }
+            }
+        }
+        // ctx.body_bytes counts it when Pingora replays it upstream (request_body_filter).
+        m.body = read;
+        m.early = true;
+        let forwarded = self.reserve_with_body(session, ctx).await?;
+        if let Some(m) = ctx.metered.as_mut() {
+            m.final_body = Some(forwarded);
+        }
+        Ok(())
     }
 
     /// A `pricing` route. Token-priced: gates now, the hold once the body is in (its price
@@ -594,10 +647,19 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
-        if ctx.metered.as_ref().is_some_and(|m| m.deferred) {
-            // The body is forwarded after the debit and may be rewritten: its length is not
-            // known yet, so it goes chunked (Pingora frames it when Content-Length is absent).
-            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+        if let Some(m) = ctx.metered.as_ref().filter(|m| m.deferred) {
+            match (&m.final_body, m.early) {
+                // Read and priced already: the (maybe rewritten) body's own length.
+                (Some(body), true) => {
+                    upstream_request
+                        .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                }
+                // Priced as it arrives and maybe rewritten: its length is not known yet, so
+                // it goes chunked (Pingora frames it when Content-Length is absent).
+                _ => {
+                    upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+                }
+            }
         }
         upstream::rewrite_request(
             upstream_request,

@@ -682,3 +682,69 @@ async fn bodiless_requests_and_unreachable_upstreams_on_token_routes() {
     assert_eq!(a.body["refunded"], true, "{}", a.body);
     assert_eq!(total_micros(&app2, &account2).await, 10_000_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_priced_before_the_upstream_and_large_or_chunked_ones_as_they_arrive() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let app = env
+        .config()
+        .toml(config(&up.url(), TOKENS, "", "100"))
+        .toml("[tiers.poor]\nmonthly_credits = 1\n")
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    let q = "/v1/chat/completions?prompt_tokens=1000&completion_tokens=0";
+
+    // A small body with a Content-Length: forwarded with its exact (rewritten) length.
+    let a = post(&app, &key, q, &chat(true)).await;
+    assert_eq!(a.status, 200);
+    let r = up.last_request();
+    let sent: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some(r.body.len().to_string().as_str())
+    );
+    wait_total(&app, &account, "99.49").await;
+
+    // A 200 KB body: priced when it has arrived, forwarded chunked, intact.
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(200_000)}]});
+    let a = post(&app, &key, q, &big).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = up.last_request();
+    assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap(), big);
+    wait_total(&app, &account, "98.98").await;
+
+    // A chunked body of unknown length: the same.
+    let text = serde_json::to_vec(&chat(false)).unwrap();
+    let parts: Vec<Result<bytes::Bytes, std::io::Error>> = text
+        .chunks(7)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let resp = app
+        .client()
+        .post(app.proxy_url(q))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.last_request().body.as_ref(), text.as_slice());
+    wait_total(&app, &account, "98.47").await;
+
+    // A refusal on a small body never reaches the upstream at all.
+    let (_, poor_key) = app.account_with_key("poor").await;
+    let before = up.request_count();
+    let a = post(&app, &poor_key, q, &chat(false)).await;
+    a.assert_error(402, "insufficient_credits");
+    assert_eq!(
+        up.request_count(),
+        before,
+        "a refused request reached the upstream"
+    );
+}
