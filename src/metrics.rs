@@ -47,6 +47,9 @@ pub struct Metrics {
     pub holds_expired: IntCounter,
     /// Streams and sessions ended because the balance ran out, by kind (sse, websocket, other).
     pub streams_cut: IntCounterVec,
+    /// Stripe webhooks received, by outcome (the event outcomes, or invalid_signature,
+    /// bad_request, error: Stripe retries those).
+    pub stripe_webhooks: IntCounterVec,
 }
 
 fn counter(
@@ -144,6 +147,12 @@ impl Metrics {
                 "tollgate_streams_cut_total",
                 "Streams and sessions ended because the balance ran out",
                 &["kind"],
+            )?,
+            stripe_webhooks: counter(
+                &r,
+                "tollgate_stripe_webhooks_total",
+                "Stripe webhooks received, by outcome",
+                &["outcome"],
             )?,
             journal_flushed,
             journal_batch_seconds,

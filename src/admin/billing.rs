@@ -491,20 +491,33 @@ pub async fn stripe_webhook(
         .ok_or_else(|| {
             AdminError::StripeNotConfigured("the Stripe webhook secret is not set".into())
         })?;
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .stripe_webhooks
+            .with_label_values(&[outcome])
+            .inc();
+    };
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
     if let Err(e) = webhook::verify(signature, &body, secret.as_bytes(), Utc::now().timestamp()) {
         tracing::warn!(error = %e, "Stripe webhook refused");
+        count("invalid_signature");
         return Err(AdminError::InvalidSignature(e.to_string()));
     }
-    let event = webhook::parse_event(&body).map_err(AdminError::BadRequest)?;
+    let event = webhook::parse_event(&body).map_err(|e| {
+        count("bad_request");
+        AdminError::BadRequest(e)
+    })?;
     let processed = events::process(&state, &event).await.map_err(|e| {
+        count("error");
         AdminError::Internal(format!(
             "Stripe event {} ({}) failed; Stripe will retry: {e}",
             event.id, event.kind
         ))
     })?;
+    count(processed.outcome.label());
     tracing::info!(
         event = %event.id,
         kind = %event.kind,

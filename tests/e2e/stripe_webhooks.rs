@@ -302,6 +302,22 @@ async fn forged_stale_and_malformed_webhooks_are_refused_and_change_nothing() {
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["outcome"], "applied");
     assert_eq!(state(&w.app, &acct).await.1, 110 * C);
+
+    // Every delivery is counted by outcome, for the webhook-failure alert.
+    let n = |outcome: &'static str| {
+        let app = &w.app;
+        async move {
+            crate::ledger_util::metric(
+                app,
+                "tollgate_stripe_webhooks_total",
+                &[("outcome", outcome)],
+            )
+            .await
+        }
+    };
+    assert_eq!(n("invalid_signature").await, 8.0);
+    assert_eq!(n("bad_request").await, 5.0);
+    assert_eq!(n("applied").await, 1.0);
 }
 
 #[tokio::test]
