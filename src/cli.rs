@@ -42,6 +42,13 @@ enum Command {
     /// Start everything on the local Redis and Postgres with a bundled demo upstream, a demo
     /// account and key, and print curl commands to try.
     Demo,
+    /// Serve only the bundled OpenAI-style demo model (what `demo` proxies to), e.g. as the
+    /// upstream of a compose or Kubernetes trial deployment.
+    DemoUpstream {
+        /// Address to listen on; port 0 picks a free one (printed as `listening upstream=…`).
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        listen: std::net::SocketAddr,
+    },
     /// The journal: audit live balances against it, or restore them from it.
     Ledger {
         #[command(subcommand)]
@@ -124,6 +131,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo => {
             runtime(0)?.block_on(crate::demo::run())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoUpstream { listen } => {
+            runtime(0)?.block_on(crate::demo::serve_upstream(listen))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { command } => {

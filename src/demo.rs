@@ -103,6 +103,33 @@ fn async_stream(
     })
 }
 
+/// `tollgate demo-upstream`: only the demo model, until SIGTERM or Ctrl-C.
+pub async fn serve_upstream(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    eprintln!("listening upstream={addr}");
+    let stop = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    };
+    axum::serve(listener, upstream_router())
+        .with_graceful_shutdown(stop)
+        .await
+        .context("the demo upstream stopped")?;
+    Ok(())
+}
+
 /// Binds `preferred`, or any free port when it is taken.
 async fn free_addr(preferred: u16) -> SocketAddr {
     for port in [preferred, 0] {

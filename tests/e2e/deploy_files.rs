@@ -288,7 +288,6 @@ fn every_yaml_and_json_file_under_deploy_parses() {
         "grafana/dashboards/tollgate.json",
         "grafana/provisioning/datasources/prometheus.yml",
         "grafana/provisioning/dashboards/tollgate.yml",
-        "demo-upstream/server.py",
         "k8s/kustomization.yaml",
         "k8s/secret.example.yaml",
     ] {
@@ -1011,23 +1010,19 @@ fn the_dockerfile_and_its_mirror_agree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_upstream_answers_like_tollgate_demos() {
-    let python = std::env::var("TOLLGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.arg(deploy("demo-upstream/server.py"))
-        .env("PORT", "0")
+    let mut child = tokio::process::Command::new(crate::harness::BIN)
+        .args(["demo-upstream", "--listen", "127.0.0.1:0"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let Ok(mut child) = cmd.spawn() else {
-        eprintln!("note: {python} not found; skipping the demo upstream check");
-        return;
-    };
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting tollgate demo-upstream");
     let stderr = child.stderr.take().unwrap();
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
     let port = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(addr) = line.strip_prefix("demo upstream listening on 0.0.0.0:") {
+            if let Some(addr) = line.strip_prefix("listening upstream=127.0.0.1:") {
                 return addr.trim().parse::<u16>().unwrap();
             }
         }
