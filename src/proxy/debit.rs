@@ -255,20 +255,9 @@ pub async fn debit(
                     .plan_rejections
                     .with_label_values(&["limit_reached"])
                     .inc();
-                let required_tier = snap
-                    .config
-                    .tiers
-                    .values()
-                    .filter(|other| other.raw.limits.get(&resource).is_none_or(|l| *l > limit))
-                    .min_by_key(|other| {
-                        (
-                            other.raw.price_cents_monthly.is_none(),
-                            other.raw.price_cents_monthly.unwrap_or(0),
-                            other.raw.limits.get(&resource).copied().unwrap_or(u64::MAX),
-                            other.name.clone(),
-                        )
-                    })
-                    .map(|other| other.name.clone());
+                let required_tier = crate::proxy::gate::cheapest_tier(&snap.config, |other| {
+                    other.raw.limits.get(&resource).is_none_or(|l| *l > limit)
+                });
                 return rejected(GatewayError::LimitReached {
                     resource,
                     limit,

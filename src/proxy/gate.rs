@@ -65,16 +65,21 @@ impl RateLimiters {
 /// The cheapest tier (by monthly list price, then monthly credits; tiers without a list price
 /// last) listing `feature`.
 pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
+    cheapest_tier(config, |t| t.raw.features.iter().any(|f| f == feature))
+}
+
+/// The cheapest tier passing `fits`, as an upgrade suggestion: by monthly list price (tiers
+/// without one — custom enterprise deals — after priced ones), then monthly credits, then name.
+pub fn cheapest_tier(config: &Config, fits: impl Fn(&TierConfig) -> bool) -> Option<String> {
     config
         .tiers
         .values()
-        .filter(|t| t.raw.features.iter().any(|f| f == feature))
+        .filter(|t| fits(t))
         .min_by_key(|t| {
             let credits = match t.raw.monthly_credits {
                 MonthlyCredits::Limited(c) => c.micros(),
                 MonthlyCredits::Unlimited => i64::MAX,
             };
-            // A tier without a list price (custom enterprise deals) sorts after priced ones.
             (
                 t.raw.price_cents_monthly.is_none(),
                 t.raw.price_cents_monthly.unwrap_or(0),

@@ -32,6 +32,23 @@ monthly_credits = {monthly}
     )
 }
 
+/// Waits for the account's settle entry and returns it.
+async fn wait_settle(pg: &sqlx::PgPool, account: &str) -> (String, i64, String) {
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            entries(pg, account).await.iter().any(|e| e.0 == "settle")
+        })
+        .await,
+        "no settle entry: {:?}",
+        entries(pg, account).await
+    );
+    entries(pg, account)
+        .await
+        .into_iter()
+        .find(|e| e.0 == "settle")
+        .unwrap()
+}
+
 async fn total(app: &App, account: &str) -> i64 {
     balance(app, account).await.2
 }
@@ -196,22 +213,12 @@ async fn an_upstream_cut_mid_stream_is_settled_by_the_no_usage_rule() {
     // No usage arrived: the larger of the reserve (0.5) and the running estimate (20 events
     // at 0.1 = 2, plus the input estimated from the request size, priced at 0).
     let pg = env.pg().await;
-    assert!(
-        poll_until(Duration::from_secs(10), || async {
-            entries(&pg, &account).await.iter().any(|e| e.0 == "settle")
-        })
-        .await
-    );
+    let settle = wait_settle(&pg, &account).await;
     let spent = 100_000_000 - total(&app, &account).await;
     assert!(
         (2_000_000..=2_200_000).contains(&spent),
         "a cut stream of 20 events cost {spent} µc"
     );
-    let settle = entries(&pg, &account)
-        .await
-        .into_iter()
-        .find(|e| e.0 == "settle")
-        .unwrap();
     assert_eq!(settle.2, "no_usage");
 }
 
@@ -280,12 +287,7 @@ async fn a_websocket_session_is_debited_per_started_step_and_closed_when_credits
     // Each started second was debited as it started (journaled as extends); the session
     // spent exactly the balance and never went below zero.
     let pg = env.pg().await;
-    assert!(
-        poll_until(Duration::from_secs(10), || async {
-            entries(&pg, &account).await.iter().any(|e| e.0 == "settle")
-        })
-        .await
-    );
+    wait_settle(&pg, &account).await;
     let e = entries(&pg, &account).await;
     let extends = e.iter().filter(|x| x.0 == "extend").count();
     assert!(extends >= 2, "{e:?}");
@@ -325,12 +327,7 @@ async fn a_long_stream_is_debited_per_started_step_while_open() {
         "no debit during the stream: {seen_debits:?}"
     );
     let pg = env.pg().await;
-    assert!(
-        poll_until(Duration::from_secs(10), || async {
-            entries(&pg, &account).await.iter().any(|e| e.0 == "settle")
-        })
-        .await
-    );
+    wait_settle(&pg, &account).await;
     // 0.1 + 3 started seconds × 0.1 (a slow machine may make it 4).
     let spent = 100_000_000 - total(&app, &account).await;
     assert!(
@@ -367,19 +364,7 @@ async fn a_client_that_leaves_mid_stream_is_settled_never_at_zero() {
     // The upstream stream stops too (tollgate drops it), and the request settles by the
     // no-usage rule: the reserve, as the few events streamed are worth less.
     let pg = env.pg().await;
-    assert!(
-        poll_until(Duration::from_secs(10), || async {
-            entries(&pg, &account).await.iter().any(|e| e.0 == "settle")
-        })
-        .await,
-        "{:?}",
-        entries(&pg, &account).await
-    );
-    let settle = entries(&pg, &account)
-        .await
-        .into_iter()
-        .find(|e| e.0 == "settle")
-        .unwrap();
+    let settle = wait_settle(&pg, &account).await;
     assert_eq!((settle.1, settle.2.as_str()), (0, "no_usage"));
     assert_eq!(total(&app, &account).await, 99_500_000);
     assert!(
