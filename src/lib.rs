@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod money;
 pub mod pricing;
 pub mod proxy;
+pub mod redis_conn;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Stripe webhooks received, by outcome (the event outcomes, or invalid_signature,
     /// bad_request, error: Stripe retries those).
     pub stripe_webhooks: IntCounterVec,
+    /// Debits whose reply was lost (timeout, dropped connection), by how they were resolved:
+    /// voided (the journal shows the debit ran; refunded), not_run, gave_up.
+    pub unanswered_debits: IntCounterVec,
 }
 
 fn counter(
@@ -152,6 +155,12 @@ impl Metrics {
                 &r,
                 "tollgate_stripe_webhooks_total",
                 "Stripe webhooks received, by outcome",
+                &["outcome"],
+            )?,
+            unanswered_debits: counter(
+                &r,
+                "tollgate_unanswered_debits_total",
+                "Debits whose reply was lost, by resolution (voided, not_run, gave_up)",
                 &["outcome"],
             )?,
             journal_flushed,

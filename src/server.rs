@@ -18,6 +18,7 @@ use crate::auth::AuthCaches;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::redis_conn::{RedisConn, RedisTarget};
 use crate::state::{AppState, Snapshot};
 
 /// Why `serve` could not start.
@@ -45,10 +46,11 @@ pub struct ServeOptions {
     pub migrate: bool,
 }
 
-/// Connects Redis, failing fast with a clear reason instead of retrying forever.
+/// Connects Redis (one server or a cluster, as `redis.url` says), failing fast with a clear
+/// reason instead of retrying forever.
 pub async fn connect_redis(
     cfg: &crate::config::raw::Redis,
-) -> Result<(redis::Client, redis::aio::ConnectionManager), StartError> {
+) -> Result<(RedisTarget, RedisConn), StartError> {
     connect_redis_with_timeout(cfg, Duration::from_millis(cfg.timeout_ms)).await
 }
 
@@ -57,30 +59,17 @@ pub async fn connect_redis(
 pub async fn connect_redis_with_timeout(
     cfg: &crate::config::raw::Redis,
     timeout: Duration,
-) -> Result<(redis::Client, redis::aio::ConnectionManager), StartError> {
+) -> Result<(RedisTarget, RedisConn), StartError> {
     let fail = |reason: String| StartError::Redis {
         url: redact(&cfg.url),
         reason,
     };
-    let client = redis::Client::open(cfg.url.as_str()).map_err(|e| fail(e.to_string()))?;
-    let probe = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(fail(e.to_string())),
-        Err(_) => return Err(fail("timed out after 5 s".into())),
-    }
-    let manager_config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    let manager = redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config)
+    let target = RedisTarget::parse(&cfg.url).map_err(|e| fail(e.to_string()))?;
+    let conn = target
+        .connect(timeout, Duration::from_secs(5))
         .await
         .map_err(|e| fail(e.to_string()))?;
-    Ok((client, manager))
+    Ok((target, conn))
 }
 
 /// Connects Postgres (and migrates when asked).
@@ -94,14 +83,24 @@ pub async fn connect_postgres(config: &Config, migrate: bool) -> Result<sqlx::Pg
     Ok(pool)
 }
 
-/// Hides a password in a URL before it is printed.
+/// Hides a password in a URL before it is printed (also in a cluster URL's node list, which
+/// is not one URL to a parser).
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+    if let Ok(mut u) = url::Url::parse(url) {
+        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
+            return u.to_string();
         }
-        _ => url.to_string(),
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -116,12 +115,12 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     config.require_secrets()?;
     let config = Arc::new(config);
     let pg = connect_postgres(&config, opts.migrate).await?;
-    let (redis_client, redis) = connect_redis(&config.redis).await?;
+    let (redis_target, redis) = connect_redis(&config.redis).await?;
 
     let state = Arc::new(AppState {
         snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::clone(&config))),
         pg,
-        redis_client: redis_client.clone(),
+        redis_target: redis_target.clone(),
         redis,
         caches: Arc::new(AuthCaches::new(config.auth.key_cache_ttl)),
         ledger: crate::ledger::Ledger::new(
@@ -130,6 +129,7 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
             Duration::from_millis(config.redis.timeout_ms),
         ),
         metrics: Arc::new(Metrics::new()?),
+        unanswered: Default::default(),
     });
 
     // Debit deadlines are set in Redis's clock; keep the offset to ours fresh.
@@ -161,7 +161,7 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let background = TaskTracker::new();
 
     background.spawn(crate::auth::invalidation::listen(
-        redis_client,
+        redis_target,
         config.redis.key_prefix.clone(),
         Arc::clone(&state.caches),
         stop.clone(),
@@ -182,8 +182,36 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         claim_idle: Duration::from_secs(config.journal.claim_idle_seconds),
         metrics: Arc::clone(&state.metrics),
         on_flushed: crate::stripe::alerts::start(Arc::clone(&state), &background),
+        retry_streams: Default::default(),
     };
     let flusher_task = tokio::spawn(flusher.run(journal_stop.clone()));
+
+    // The journal's monthly partitions ahead of time, and retention (hourly).
+    background.spawn(crate::journal::partitions::run_maintenance(
+        state.pg.clone(),
+        state.redis.clone(),
+        crate::journal::partitions::MaintenanceSettings::from_config(&config),
+        Some(Arc::clone(&state.metrics)),
+        stop.clone(),
+    ));
+
+    // Debits whose reply was lost are refunded once the journal shows they ran.
+    let unanswered_state = Arc::clone(&state);
+    background.spawn({
+        let stop = stop.clone();
+        async move {
+            let s = &unanswered_state;
+            crate::ledger::unanswered::run(
+                &s.unanswered,
+                &s.ledger,
+                s.redis.clone(),
+                &s.pg,
+                &s.metrics,
+                stop,
+            )
+            .await;
+        }
+    });
 
     // Every instance sweeps expired holds (their instance died before settling); the settle
     // script removes a hold atomically, so sweepers never settle one twice.
@@ -345,5 +373,24 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_print() {
+        assert_eq!(
+            super::redact("redis://u:secret@h:1/0"),
+            "redis://u:***@h:1/0"
+        );
+        assert_eq!(
+            super::redact("redis+cluster://u:secret@h:1,h:2/?x=1"),
+            "redis+cluster://u:***@h:1,h:2/?x=1"
+        );
+        assert_eq!(
+            super::redact("redis+cluster://h:1,h:2"),
+            "redis+cluster://h:1,h:2"
+        );
     }
 }

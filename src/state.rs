@@ -36,10 +36,13 @@ impl Snapshot {
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub pg: PgPool,
-    pub redis_client: redis::Client,
-    pub redis: redis::aio::ConnectionManager,
+    /// Where Redis is (for the pub/sub subscription).
+    pub redis_target: crate::redis_conn::RedisTarget,
+    pub redis: crate::redis_conn::RedisConn,
     pub caches: Arc<AuthCaches>,
     pub ledger: Ledger,
+    /// Debits whose reply was lost, resolved on the side.
+    pub unanswered: crate::ledger::unanswered::UnansweredDebits,
     pub metrics: Arc<Metrics>,
 }
 

@@ -33,7 +33,7 @@ impl Invalidation<'_> {
 
 /// Applies locally and announces to the other instances.
 pub async fn publish(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut crate::redis_conn::RedisConn,
     prefix: &str,
     caches: &AuthCaches,
     what: Invalidation<'_>,
@@ -47,7 +47,7 @@ pub async fn publish(
 /// Keeps a subscription alive until `stop`; (re)subscribing clears the caches, because
 /// messages sent while unsubscribed are lost.
 pub async fn listen(
-    client: redis::Client,
+    target: crate::redis_conn::RedisTarget,
     prefix: String,
     caches: Arc<AuthCaches>,
     stop: CancellationToken,
@@ -56,7 +56,7 @@ pub async fn listen(
     loop {
         caches.set_push_healthy(false);
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = target.pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

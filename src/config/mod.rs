@@ -227,6 +227,25 @@ impl Config {
     pub fn tier(&self, name: &str) -> Option<&Arc<TierConfig>> {
         self.tiers.get(name)
     }
+
+    /// Days of journal to keep in Postgres: the longest `history_days` of all tiers, or `None`
+    /// (keep everything) when any tier keeps its history forever, or there are no tiers.
+    /// Months older than this are rolled up by `journal::partitions::prune`.
+    pub fn journal_retention_days(&self) -> Option<u32> {
+        let mut longest: Option<u32> = None;
+        for tier in self.tiers.values() {
+            let days = tier.history_days()?;
+            longest = Some(longest.map_or(days, |l| l.max(days)));
+        }
+        longest
+    }
+}
+
+impl TierConfig {
+    /// Days of history the usage and history API show this tier's accounts (`None`: all).
+    pub fn history_days(&self) -> Option<u32> {
+        self.raw.history_days
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -477,6 +477,11 @@ pub struct Tier {
     /// Currency of the list prices above.
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// Days of journal history the usage and history API show accounts of this tier; absent:
+    /// all of it. When every tier has one, journal months older than the longest are rolled
+    /// up and dropped (README: "Postgres at volume").
+    #[serde(default)]
+    pub history_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -171,3 +171,48 @@ fn the_reference_config_is_valid() {
     let c = Config::from_toml(&text, &path, &|_| Some("x-secret-value-long-enough".into()));
     assert!(c.is_ok(), "{}", c.unwrap_err());
 }
+
+#[test]
+fn history_days_is_optional_and_sets_the_retention_when_every_tier_has_it() {
+    let c = load(BASE).unwrap();
+    assert_eq!(c.tiers["free"].history_days(), None);
+    assert_eq!(c.journal_retention_days(), None);
+
+    let text = BASE.replace(
+        "monthly_credits = 20",
+        "monthly_credits = 20\nhistory_days = 30",
+    );
+    let c = load(&text).unwrap();
+    assert_eq!(c.tiers["free"].history_days(), Some(30));
+    assert_eq!(c.journal_retention_days(), Some(30));
+
+    // The longest of all tiers is kept...
+    let two = format!("{text}\n[tiers.pro]\nmonthly_credits = 100\nhistory_days = 400\n");
+    assert_eq!(load(&two).unwrap().journal_retention_days(), Some(400));
+    // ...and nothing is dropped while one tier keeps everything.
+    let forever = format!("{text}\n[tiers.pro]\nmonthly_credits = 100\n");
+    let c = load(&forever).unwrap();
+    assert_eq!(c.tiers["pro"].history_days(), None);
+    assert_eq!(c.journal_retention_days(), None);
+}
+
+#[test]
+fn a_bad_history_days_names_the_field() {
+    for bad in ["0", "36501"] {
+        let e = errors(&BASE.replace(
+            "monthly_credits = 20",
+            &format!("monthly_credits = 20\nhistory_days = {bad}"),
+        ));
+        assert!(
+            e.contains("tiers.free.history_days") && e.contains("between 1 and 36500"),
+            "{e}"
+        );
+    }
+    for bad in ["-1", "\"a month\"", "30.5"] {
+        let e = errors(&BASE.replace(
+            "monthly_credits = 20",
+            &format!("monthly_credits = 20\nhistory_days = {bad}"),
+        ));
+        assert!(e.contains("tiers.free.history_days"), "{bad}: {e}");
+    }
+}

@@ -11,6 +11,9 @@ use http::{HeaderName, HeaderValue, Method};
 use super::raw;
 use super::*;
 
+/// The longest `history_days` a tier may set (a century; keeps date arithmetic in range).
+const MAX_HISTORY_DAYS: u32 = 36_500;
+
 /// Collects problems as `field: reason` lines.
 struct Problems(Vec<String>);
 
@@ -119,17 +122,29 @@ pub(super) fn validate(
     // [redis]
     let mut redis = raw.redis.clone();
     redis.url = substitute(&redis.url, "redis.url", env, &mut missing, &mut p);
-    match url::Url::parse(&redis.url) {
-        Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {}
-        Ok(u) => p.add(
-            "redis.url",
-            format!("scheme {:?} is not redis:// or rediss://", u.scheme()),
-        ),
-        Err(e) if !raw.redis.url.contains("${") => p.add(
-            "redis.url",
-            format!("{:?} is not a URL: {e}", raw.redis.url),
-        ),
-        Err(_) => {}
+    // One server (redis://, rediss://, unix) or a cluster (redis+cluster://host:port,…).
+    if !raw.redis.url.contains("${") {
+        match url::Url::parse(&redis.url) {
+            Ok(u)
+                if !matches!(
+                    u.scheme(),
+                    "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster"
+                ) =>
+            {
+                p.add(
+                    "redis.url",
+                    format!(
+                        "scheme {:?} is not redis://, rediss:// or redis+cluster://",
+                        u.scheme()
+                    ),
+                )
+            }
+            _ => {
+                if let Err(e) = crate::redis_conn::RedisTarget::parse(&redis.url) {
+                    p.add("redis.url", format!("{:?}: {e}", raw.redis.url));
+                }
+            }
+        }
     }
     if !is_name(&redis.key_prefix) {
         p.add(
@@ -399,6 +414,14 @@ pub(super) fn validate(
                 p.add(
                     format!("{f}.{field}"),
                     "must be at least 1 (omit it for no limit)",
+                );
+            }
+        }
+        if let Some(days) = t.history_days {
+            if !(1..=MAX_HISTORY_DAYS).contains(&days) {
+                p.add(
+                    format!("{f}.history_days"),
+                    format!("must be between 1 and {MAX_HISTORY_DAYS} days (omit it to keep all history)"),
                 );
             }
         }

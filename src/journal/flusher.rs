@@ -7,10 +7,12 @@
 //! XAUTOCLAIM once idle. A crash between commit and XACK only causes a re-delivery, which the
 //! entry id makes harmless.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
+use futures_util::future::join_all;
 use redis::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +32,7 @@ const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Flusher {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub pg: PgPool,
     pub prefix: String,
     pub shards: u32,
@@ -40,6 +42,9 @@ pub struct Flusher {
     pub metrics: Arc<Metrics>,
     /// Sees every batch once it is committed (the outgoing alerts); must not block.
     pub on_flushed: Option<OnFlushed>,
+    /// Streams whose reads failed: their own pending list is read back (from id 0) until it
+    /// comes back empty, while the other streams go on with new entries.
+    pub retry_streams: HashSet<String>,
 }
 
 /// A hook called with each committed batch.
@@ -51,6 +56,8 @@ struct Batch {
     entries: Vec<JournalEntry>,
     /// (stream, stream ids) to XACK + XDEL after the commit.
     acks: Vec<(String, Vec<String>)>,
+    /// Some streams could not be read (their node is down); the others were.
+    partial: bool,
 }
 
 impl Batch {
@@ -74,40 +81,33 @@ impl Flusher {
         )
     }
 
-    /// Creates the consumer group on every shard stream (idempotent).
+    /// Creates the consumer group on every shard stream (idempotent). One command per
+    /// stream, sent together: the streams live in different slots, so on a cluster they are
+    /// on different nodes (a pipeline may not span slots).
     pub async fn ensure_groups(&mut self) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
-        for stream in streams(&self.prefix, self.shards) {
-            pipe.cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .ignore();
-        }
-        // BUSYGROUP (already exists) errors are expected; run them one by one to tell them apart.
-        match pipe.query_async::<()>(&mut self.redis).await {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                for stream in streams(&self.prefix, self.shards) {
-                    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        let calls = streams(&self.prefix, self.shards)
+            .into_iter()
+            .map(|stream| {
+                let mut conn = self.redis.clone();
+                async move {
+                    redis::cmd("XGROUP")
                         .arg("CREATE")
                         .arg(&stream)
                         .arg(GROUP)
                         .arg("0")
                         .arg("MKSTREAM")
-                        .query_async(&mut self.redis)
-                        .await;
-                    if let Err(e) = r {
-                        if e.code() != Some("BUSYGROUP") {
-                            return Err(e);
-                        }
-                    }
+                        .query_async::<()>(&mut conn)
+                        .await
                 }
-                Ok(())
+            });
+        for r in join_all(calls).await {
+            if let Err(e) = r {
+                if e.code() != Some("BUSYGROUP") {
+                    return Err(e);
+                }
             }
         }
+        Ok(())
     }
 
     /// Reads up to `count` entries per shard. `pending = true` re-reads this consumer's own
@@ -115,40 +115,80 @@ impl Flusher {
     /// consumer although the reply never arrived, or a restart under the same name).
     async fn read(&mut self, pending: bool, count: usize) -> redis::RedisResult<Batch> {
         let all = streams(&self.prefix, self.shards);
-        let mut pipe = redis::pipe();
-        for stream in &all {
-            pipe.cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(count)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(if pending { "0" } else { ">" });
-        }
-        let replies: Vec<Value> = pipe.query_async(&mut self.redis).await?;
-        let mut batch = Batch::default();
-        for (stream, reply) in all.iter().zip(replies) {
-            // [[stream, [[id, fields], ...]]]
-            let Value::Array(per_stream) = reply else {
-                continue;
+        let consumer = self.consumer.clone();
+        let retry = &self.retry_streams;
+        let calls = all.iter().map(|stream| {
+            let mut conn = self.redis.clone();
+            let consumer = consumer.as_str();
+            let from = if pending || retry.contains(stream) {
+                "0"
+            } else {
+                ">"
             };
-            for s in per_stream {
-                let Value::Array(parts) = s else { continue };
-                if let Some(Value::Array(items)) = parts.get(1) {
-                    self.collect(stream, items, &mut batch).await;
+            async move {
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(stream)
+                    .arg(from)
+                    .query_async::<Value>(&mut conn)
+                    .await
+            }
+        });
+        let replies = join_all(calls).await;
+        let mut batch = Batch::default();
+        let mut last_err = None;
+        let mut failed = 0;
+        for (stream, reply) in all.iter().zip(replies) {
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    // One node down must not stop the journal of the others.
+                    failed += 1;
+                    self.retry_streams.insert(stream.clone());
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let before = batch.acks.len();
+            // [[stream, [[id, fields], ...]]]
+            if let Value::Array(per_stream) = reply {
+                for s in per_stream {
+                    let Value::Array(parts) = s else { continue };
+                    if let Some(Value::Array(items)) = parts.get(1) {
+                        self.collect(stream, items, &mut batch).await;
+                    }
                 }
             }
+            if batch.acks.len() == before {
+                // Nothing (more) pending on this stream: back to new entries.
+                self.retry_streams.remove(stream);
+            }
         }
-        Ok(batch)
+        match last_err {
+            Some(e) if failed == all.len() => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, failed, "journal: some shard streams cannot be read; the others go on");
+                self.metrics
+                    .journal_errors
+                    .with_label_values(&["redis"])
+                    .inc();
+                batch.partial = true;
+                Ok(batch)
+            }
+            None => Ok(batch),
+        }
     }
 
     /// Claims entries other (dead) consumers left pending.
     async fn claim(&mut self, count: usize) -> redis::RedisResult<Batch> {
         let mut batch = Batch::default();
         for stream in streams(&self.prefix, self.shards) {
-            let reply: Value = redis::cmd("XAUTOCLAIM")
+            let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
                 .arg(&stream)
                 .arg(GROUP)
                 .arg(&self.consumer)
@@ -157,7 +197,17 @@ impl Flusher {
                 .arg("COUNT")
                 .arg(count)
                 .query_async(&mut self.redis)
-                .await?;
+                .await;
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) if is_nogroup(&e) => return Err(e),
+                Err(e) => {
+                    // Claimed again on the next round, once the node is back.
+                    tracing::debug!(error = %e, stream, "journal: cannot claim from a stream");
+                    batch.partial = true;
+                    continue;
+                }
+            };
             if let Value::Array(parts) = reply {
                 if let Some(Value::Array(items)) = parts.get(1) {
                     self.collect(&stream, items, &mut batch).await;
@@ -210,12 +260,30 @@ impl Flusher {
         if let Some(hook) = &self.on_flushed {
             hook(&batch.entries);
         }
-        let mut pipe = redis::pipe();
-        for (stream, ids) in &batch.acks {
-            pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
-            pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        // XACK + XDEL of one stream share its slot: one pipeline per stream, all at once.
+        let acks = batch.acks.iter().map(|(stream, ids)| {
+            let mut conn = self.redis.clone();
+            async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
+                pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+                (stream, pipe.query_async::<()>(&mut conn).await)
+            }
+        });
+        // The rows are committed: a stream whose acknowledgement failed (its node went down)
+        // keeps its entries pending under this consumer; they are read back from id 0 once
+        // the node answers again and re-inserted harmlessly (ON CONFLICT DO NOTHING). The
+        // other streams go on meanwhile.
+        for (stream, r) in join_all(acks).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, stream, "journal: acknowledging a written batch failed; its entries are read back later");
+                self.metrics
+                    .journal_errors
+                    .with_label_values(&["redis"])
+                    .inc();
+                self.retry_streams.insert(stream.clone());
+            }
         }
-        pipe.query_async::<()>(&mut self.redis).await?;
         self.metrics
             .journal_batch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -231,11 +299,19 @@ impl Flusher {
     }
 
     async fn sample_backlog(&mut self) {
-        let mut pipe = redis::pipe();
-        for stream in streams(&self.prefix, self.shards) {
-            pipe.cmd("XLEN").arg(stream);
-        }
-        if let Ok(lens) = pipe.query_async::<Vec<i64>>(&mut self.redis).await {
+        let lens = streams(&self.prefix, self.shards)
+            .into_iter()
+            .map(|stream| {
+                let mut conn = self.redis.clone();
+                async move {
+                    redis::cmd("XLEN")
+                        .arg(stream)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            });
+        let lens: redis::RedisResult<Vec<i64>> = join_all(lens).await.into_iter().collect();
+        if let Ok(lens) = lens {
             self.metrics.journal_backlog.set(lens.iter().sum());
         }
     }
@@ -351,6 +427,10 @@ impl Flusher {
             if pending_read {
                 // Our own pending list is read until it comes back empty, then new entries.
                 read_pending = !batch.is_empty();
+            }
+            if batch.partial {
+                // A node is down: do not spin on it; the healthy streams wait a moment too.
+                let _stopped = sleep_or_stop(&stop, IDLE_WAIT).await;
             }
             if batch.is_empty() && !pending_read {
                 if stopping {

@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::{Script, Value};
 
 use super::{int, reply_err, text, Ledger, LedgerError};
@@ -51,7 +51,7 @@ impl Ledger {
     /// renewal. Idempotent on `entry_id`.
     pub async fn renew(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         r: &Renewal<'_>,
     ) -> Result<RenewOutcome, LedgerError> {
         let k = self.keys(r.account_id);
@@ -88,7 +88,7 @@ impl Ledger {
     /// is not in Redis.
     pub async fn set_billing_status(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         grace_until: Option<i64>,
     ) -> Result<Option<String>, LedgerError> {

@@ -3,7 +3,7 @@
 //! streams), ended by `settle.lua` with the true cost, and — when its instance died — found by
 //! `sweep.lua` and settled at what it holds by any instance.
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::Value;
 
 use super::{int, keys, reply_err, Ledger, LedgerError};
@@ -51,7 +51,7 @@ pub struct Extended {
 impl Ledger {
     pub async fn settle(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         r: &SettleRequest<'_>,
     ) -> Result<SettleOutcome, LedgerError> {
         let k = self.keys(r.account_id);
@@ -94,7 +94,7 @@ impl Ledger {
     #[allow(clippy::too_many_arguments)] // the script's own arguments, one each
     pub async fn extend(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         charge_id: &str,
         step: Credits,
@@ -136,7 +136,7 @@ impl Ledger {
     /// Expired holds of one shard: `(charge id, account id, action)`, at most `limit`.
     pub async fn expired_holds(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         shard: u32,
         now_ms: i64,
         limit: usize,
@@ -157,39 +157,59 @@ impl Ledger {
             .collect())
     }
 
-    /// Settles every expired hold of every shard at what it holds; returns how many.
-    pub async fn sweep_expired(&self, conn: &mut ConnectionManager) -> Result<u64, LedgerError> {
+    /// Settles every expired hold of every shard at what it holds; returns how many. A shard
+    /// that cannot be reached (its cluster node is down) is skipped until the next sweep; the
+    /// error is returned only after the other shards were swept.
+    pub async fn sweep_expired(&self, conn: &mut RedisConn) -> Result<u64, LedgerError> {
         let mut settled = 0;
+        let mut first_err = None;
         for shard in 0..self.shards {
-            loop {
-                let expired = self
-                    .expired_holds(conn, shard, super::now_ms(), 100)
-                    .await?;
-                let batch = expired.len();
-                for (charge_id, account_id, action) in expired {
-                    let outcome = self
-                        .settle(
-                            conn,
-                            &SettleRequest {
-                                account_id: &account_id,
-                                charge_id: &charge_id,
-                                cost: None,
-                                reason: "hold_expired",
-                                action: &action,
-                                ..SettleRequest::default()
-                            },
-                        )
-                        .await?;
-                    if matches!(outcome, SettleOutcome::Settled { .. }) {
-                        tracing::warn!(account = %account_id, charge_id = %charge_id, "an expired hold was settled at what it holds (its instance stopped before settling)");
-                        settled += 1;
-                    }
-                }
-                if batch < 100 {
-                    break;
+            match self.sweep_shard(conn, shard).await {
+                Ok(n) => settled += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
             }
         }
-        Ok(settled)
+        match first_err {
+            Some(e) if settled == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, "sweeping holds: some shards could not be reached");
+                Ok(settled)
+            }
+            None => Ok(settled),
+        }
+    }
+
+    async fn sweep_shard(&self, conn: &mut RedisConn, shard: u32) -> Result<u64, LedgerError> {
+        let mut settled = 0;
+        loop {
+            let expired = self
+                .expired_holds(conn, shard, super::now_ms(), 100)
+                .await?;
+            let batch = expired.len();
+            for (charge_id, account_id, action) in expired {
+                let outcome = self
+                    .settle(
+                        conn,
+                        &SettleRequest {
+                            account_id: &account_id,
+                            charge_id: &charge_id,
+                            cost: None,
+                            reason: "hold_expired",
+                            action: &action,
+                            ..SettleRequest::default()
+                        },
+                    )
+                    .await?;
+                if matches!(outcome, SettleOutcome::Settled { .. }) {
+                    tracing::warn!(account = %account_id, charge_id = %charge_id, "an expired hold was settled at what it holds (its instance stopped before settling)");
+                    settled += 1;
+                }
+            }
+            if batch < 100 {
+                return Ok(settled);
+            }
+        }
     }
 }

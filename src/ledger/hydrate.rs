@@ -3,7 +3,7 @@
 //! (plus the account's entries still in its shard stream, not yet flushed).
 //! An account with no journal yet opens with its tier's monthly allowance, journaled.
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use sqlx::PgPool;
 
 use super::{Ledger, LedgerError};
@@ -41,7 +41,7 @@ pub async fn journal_sums(pg: &PgPool, account_id: &str) -> Result<JournalSums, 
 /// [`crate::journal::audit::journal_view`]). No entry of the account can be added to the
 /// stream meanwhile: the scripts refuse an account whose hash is absent.
 pub async fn journal_view(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     pg: &PgPool,
     keys: &super::keys::AccountKeys,
     account_id: &str,
@@ -67,7 +67,7 @@ impl Ledger {
     /// created it.
     pub async fn hydrate(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         pg: &PgPool,
         config: &Config,
         account_id: &str,

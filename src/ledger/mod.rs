@@ -8,10 +8,11 @@ pub mod billing;
 pub mod holds;
 pub mod hydrate;
 pub mod keys;
+pub mod unanswered;
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::{Script, Value};
 
 use crate::money::Credits;
@@ -193,23 +194,7 @@ pub struct Ledger {
     uncount: Script,
 }
 
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
+use crate::redis_conn::{reply_int as int, reply_text as text};
 
 fn reply_err(reply: &[Value]) -> LedgerError {
     LedgerError::Reply(format!("{reply:?}"))
@@ -240,7 +225,7 @@ impl Ledger {
     }
 
     /// Measures Redis's clock against ours (half the round trip assumed each way).
-    pub async fn sync_clock(&self, conn: &mut ConnectionManager) -> Result<(), LedgerError> {
+    pub async fn sync_clock(&self, conn: &mut RedisConn) -> Result<(), LedgerError> {
         let before = now_ms();
         let (secs, micros): (i64, i64) = self.timed(redis::cmd("TIME").query_async(conn)).await?;
         let after = now_ms();
@@ -268,6 +253,18 @@ impl Ledger {
             + budget
     }
 
+    /// Redis's clock now (unix ms), or `None` while the offset is unknown.
+    pub fn redis_now_ms(&self) -> Option<i64> {
+        self.clock_known
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| {
+                now_ms()
+                    + self
+                        .clock_offset_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)
+            })
+    }
+
     pub fn keys(&self, account_id: &str) -> AccountKeys {
         AccountKeys::new(&self.prefix, self.shards, account_id)
     }
@@ -285,7 +282,7 @@ impl Ledger {
     /// The hot path: one EVALSHA.
     pub async fn debit(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         r: &DebitRequest<'_>,
     ) -> Result<DebitOutcome, LedgerError> {
         let k = self.keys(r.account_id);
@@ -371,7 +368,7 @@ impl Ledger {
     /// Grants, purchases, refunds: idempotent on `external_id`.
     pub async fn credit(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         r: &CreditRequest<'_>,
     ) -> Result<CreditOutcome, LedgerError> {
         let k = self.keys(r.account_id);
@@ -415,7 +412,7 @@ impl Ledger {
     /// when the account is not in Redis (it will be hydrated with the new tier).
     pub async fn set_tier(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         tier: &str,
         monthly: Option<Credits>,
@@ -441,7 +438,7 @@ impl Ledger {
     /// Reads an account's live state; `None` when it is not in Redis.
     pub async fn state(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
     ) -> Result<Option<AccountState>, LedgerError> {
         let k = self.keys(account_id);
@@ -478,7 +475,7 @@ impl Ledger {
     /// Releases a concurrency lease (best effort: it expires on its own anyway).
     pub async fn release_lease(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         charge_id: &str,
         action: Option<&str>,
@@ -499,7 +496,7 @@ impl Ledger {
     /// The account's plan counters: requests and tokens this period, counted resources.
     pub async fn counters(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
     ) -> Result<Counters, LedgerError> {
         let k = self.keys(account_id);
@@ -520,7 +517,7 @@ impl Ledger {
     /// Pushes a running request's lease(s) `ttl_ms` into the future (only if still present).
     pub async fn renew_lease(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         charge_id: &str,
         action: Option<&str>,
@@ -551,7 +548,7 @@ impl Ledger {
     /// Takes back a resource count of a request that did not succeed.
     pub async fn uncount(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         account_id: &str,
         resource: &str,
         delta: i64,

@@ -123,6 +123,21 @@ pub async fn debit(
                 .redis_errors
                 .with_label_values(&["debit"])
                 .inc();
+            if crate::ledger::unanswered::outcome_unknown(&e) {
+                // It may have charged: refunded later if the journal shows it ran.
+                state
+                    .unanswered
+                    .note(crate::ledger::unanswered::Unanswered {
+                        account_id: identity.account_id.clone(),
+                        charge_id: charge_id.clone(),
+                        request_id: request_id.to_string(),
+                        route: route.name.clone(),
+                        action: route.action.clone(),
+                        deadline_ms: request.deadline_ms,
+                        hold: ask.hold.is_some(),
+                        noted: Instant::now(),
+                    });
+            }
             DebitError::Unavailable(e)
         })?;
         let rejected = |err: GatewayError| Err(DebitError::Rejected(err));

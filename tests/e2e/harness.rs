@@ -520,7 +520,7 @@ impl ConfigBuilder {
     }
 
     /// The environment the process gets: the admin token, then the test's variables.
-    fn process_env(&self) -> Vec<(String, String)> {
+    pub fn process_env(&self) -> Vec<(String, String)> {
         let mut env = vec![(ADMIN_TOKEN_ENV.to_string(), self.res.admin_token.clone())];
         env.extend(self.env.iter().cloned());
         env

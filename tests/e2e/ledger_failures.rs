@@ -362,3 +362,97 @@ max_concurrent = 2
     .await;
     assert!(ok, "leases left after both requests ended");
 }
+
+/// A debit that ran while its reply was lost (the client got 503 and was not served) is
+/// refunded once the journal shows it ran; one that never reached Redis is left alone. Both
+/// are counted in `tollgate_unanswered_debits_total`; the balance ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_debit_replies_are_voided_once_the_journal_shows_them() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let gate = RedisGate::start(env.redis_url()).await;
+    let app = env
+        .config()
+        .redis_url(gate.url())
+        .redis("timeout_ms = 300")
+        .toml(outage_config(&up.url()))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+    get_ok(&app, &key, "/v1/metered").await;
+    assert_eq!(total(&app, &account).await, "99");
+
+    // The script runs, its reply never comes back: 503, and the debit stands for now.
+    gate.set(GateMode::MuteReplies);
+    assert_fails_closed(&app, &key, &up).await;
+    gate.set(GateMode::Up);
+    wait_metric_at_least(
+        &app,
+        "tollgate_unanswered_debits_total",
+        &[("outcome", "voided")],
+        1.0,
+    )
+    .await;
+    wait_total(&app, &account, "99").await;
+
+    // Nothing reaches Redis: resolved as never run, nothing to give back.
+    gate.set(GateMode::Freeze);
+    assert_fails_closed(&app, &key, &up).await;
+    gate.set(GateMode::Up);
+    wait_metric_at_least(
+        &app,
+        "tollgate_unanswered_debits_total",
+        &[("outcome", "not_run")],
+        1.0,
+    )
+    .await;
+    let client = http_client();
+    let ok = poll_until(Duration::from_secs(10), || async {
+        call_with(&client, &app, &key, Method::GET, "/v1/metered")
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(ok, "metering did not recover");
+    wait_total(&app, &account, "98").await;
+    assert_eq!(
+        metric(
+            &app,
+            "tollgate_unanswered_debits_total",
+            &[("outcome", "voided")]
+        )
+        .await,
+        1.0
+    );
+
+    // The journal tells the story: three debits, one refund of the lost one, nothing else.
+    let pg = env.pg().await;
+    let ok = poll_until(Duration::from_secs(10), || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE account_id = $1")
+                .bind(&account)
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+        n >= 5
+    })
+    .await;
+    assert!(ok, "journal not flushed");
+    let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "SELECT kind, reason, d_allowance + d_purchased FROM ledger_entries
+         WHERE account_id = $1 AND kind IN ('debit', 'refund') ORDER BY created_at",
+    )
+    .bind(&account)
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let debits = rows.iter().filter(|r| r.0 == "debit").count();
+    let refunds: Vec<_> = rows.iter().filter(|r| r.0 == "refund").collect();
+    assert_eq!(debits, 3, "{rows:?}");
+    assert_eq!(refunds.len(), 1, "{rows:?}");
+    assert_eq!(refunds[0].1.as_deref(), Some("unanswered_debit"));
+    assert_eq!(refunds[0].2, 1_000_000);
+    let sum: i64 = rows.iter().map(|r| r.2).sum();
+    assert_eq!(sum, -2_000_000, "{rows:?}");
+}

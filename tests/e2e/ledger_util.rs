@@ -256,6 +256,9 @@ pub enum GateMode {
     /// Connections stay open but nothing flows (Redis "hung"); bytes received meanwhile are
     /// discarded: when the mode changes, frozen connections are closed.
     Freeze,
+    /// Commands reach Redis and run, their replies are dropped (a reply lost on the way back);
+    /// when the mode changes, muted connections are closed.
+    MuteReplies,
 }
 
 /// A TCP relay 127.0.0.1:PORT ↔ the real Redis that the test can switch off.
@@ -334,11 +337,12 @@ async fn relay(client: TcpStream, host: String, port: u16, mut rx: watch::Receiv
                 let _ = rx.changed().await;
                 return;
             }
-            GateMode::Up => {}
+            GateMode::Up | GateMode::MuteReplies => {}
         }
+        let muted = mode == GateMode::MuteReplies;
         tokio::select! {
             changed = rx.changed() => {
-                if changed.is_err() {
+                if changed.is_err() || muted {
                     return;
                 }
             }
@@ -350,6 +354,9 @@ async fn relay(client: TcpStream, host: String, port: u16, mut rx: watch::Receiv
             }
             n = sr.read(&mut down_buf) => {
                 let Ok(n) = n else { return };
+                if muted && n > 0 {
+                    continue;
+                }
                 if n == 0 || cw.write_all(&down_buf[..n]).await.is_err() {
                     return;
                 }

@@ -1,0 +1,305 @@
+//! Debits whose reply never came back.
+//!
+//! A debit script that ran while its reply was lost (Redis or a cluster node died after
+//! executing it, the connection dropped, the reply came after `redis.timeout_ms`) has charged
+//! a client who was answered 503 and never served. Re-sending it could charge twice, so no
+//! one re-sends; instead the charge id is noted here and settled once the facts are in:
+//!
+//! 1. wait until Redis's clock is past the debit's deadline (the script refuses to run after
+//!    it, so the debit cannot happen any more);
+//! 2. a hold is settled at zero (the settle script removes it atomically; gone = never held or
+//!    already settled, go on);
+//! 3. wait until the shard's usage stream holds nothing older than the deadline (every entry
+//!    written by then has reached Postgres), then look the debit entry up in the journal:
+//!    absent = it never ran; present = refund exactly what it took (a `refund` entry with
+//!    reason `unanswered_debit`, idempotent on the charge id).
+//!
+//! The list lives in this process: a proxy that dies with unresolved entries leaves them
+//! charged (its log names them). Bounded, so an outage cannot grow it without limit.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::holds::{SettleOutcome, SettleRequest};
+use super::{CreditOutcome, CreditRequest, Ledger, LedgerError};
+use crate::metrics::Metrics;
+use crate::money::Credits;
+use crate::redis_conn::RedisConn;
+
+/// Entries kept at most; past it new ones are logged and counted as `gave_up`.
+const CAPACITY: usize = 100_000;
+/// Skew allowed between the proxy's view of Redis's clock and the node that ran the script.
+const CLOCK_MARGIN_MS: i64 = 1_000;
+/// Without a known deadline (clock offset not measured yet), wait this long instead.
+const NO_DEADLINE_WAIT: Duration = Duration::from_secs(5);
+/// Unresolved this long (Redis or Postgres down all the while): give up, log it.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
+const ROUND_EVERY: Duration = Duration::from_secs(1);
+const MARK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A debit with an unknown outcome.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    pub account_id: String,
+    pub charge_id: String,
+    pub request_id: String,
+    pub route: String,
+    pub action: String,
+    /// The script's deadline in Redis's clock (0 = none was set).
+    pub deadline_ms: i64,
+    pub hold: bool,
+    pub noted: Instant,
+}
+
+/// Whether an error leaves the debit's outcome unknown (it may have run).
+pub fn outcome_unknown(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::Timeout(_) | LedgerError::Reply(_) => true,
+        LedgerError::Redis(e) => {
+            !e.is_connection_refusal()
+                && (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
+        }
+        _ => false,
+    }
+}
+
+#[derive(Default)]
+pub struct UnansweredDebits {
+    queue: Mutex<VecDeque<Unanswered>>,
+}
+
+enum Resolution {
+    Voided,
+    NotRun,
+    Later,
+}
+
+impl UnansweredDebits {
+    /// Notes a debit to resolve; `false` when the list is full (the debit is logged instead).
+    pub fn note(&self, u: Unanswered) -> bool {
+        let Ok(mut q) = self.queue.lock() else {
+            return false;
+        };
+        if q.len() >= CAPACITY {
+            tracing::error!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "unanswered debit not tracked (list full); check it by hand");
+            return false;
+        }
+        q.push_back(u);
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().map_or(0, |q| q.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take_all(&self) -> Vec<Unanswered> {
+        self.queue
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    fn put_back(&self, items: Vec<Unanswered>) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.extend(items);
+        }
+    }
+}
+
+/// Resolves noted debits until `stop` (one round a second).
+pub async fn run(
+    list: &UnansweredDebits,
+    ledger: &Ledger,
+    mut conn: RedisConn,
+    pg: &PgPool,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                for u in list.take_all() {
+                    tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "shutting down with an unanswered debit unresolved; it may have charged without serving");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(ROUND_EVERY) => {}
+        }
+        let mut later = Vec::new();
+        for u in list.take_all() {
+            if u.noted.elapsed() > GIVE_UP_AFTER {
+                tracing::error!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "gave up resolving an unanswered debit");
+                metrics
+                    .unanswered_debits
+                    .with_label_values(&["gave_up"])
+                    .inc();
+                continue;
+            }
+            match resolve(ledger, &mut conn, pg, &u).await {
+                Ok(Resolution::Voided) => {
+                    tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "a debit whose reply was lost had run; refunded");
+                    metrics
+                        .unanswered_debits
+                        .with_label_values(&["voided"])
+                        .inc();
+                }
+                Ok(Resolution::NotRun) => {
+                    metrics
+                        .unanswered_debits
+                        .with_label_values(&["not_run"])
+                        .inc();
+                }
+                Ok(Resolution::Later) => later.push(u),
+                Err(e) => {
+                    tracing::debug!(error = %e, charge_id = %u.charge_id, "unanswered debit: not resolvable yet");
+                    later.push(u);
+                }
+            }
+        }
+        list.put_back(later);
+    }
+}
+
+/// The Redis stream id's milliseconds (`1700000000000-3` → 1700000000000).
+fn stream_id_ms(id: &str) -> Option<i64> {
+    id.split('-').next()?.parse().ok()
+}
+
+async fn resolve(
+    ledger: &Ledger,
+    conn: &mut RedisConn,
+    pg: &PgPool,
+    u: &Unanswered,
+) -> Result<Resolution, LedgerError> {
+    // 1. The debit can no longer run.
+    let cutoff = if u.deadline_ms > 0 {
+        match ledger.redis_now_ms() {
+            Some(now) if now > u.deadline_ms + CLOCK_MARGIN_MS => u.deadline_ms + CLOCK_MARGIN_MS,
+            _ => return Ok(Resolution::Later),
+        }
+    } else {
+        if u.noted.elapsed() < NO_DEADLINE_WAIT {
+            return Ok(Resolution::Later);
+        }
+        ledger.redis_now_ms().unwrap_or_else(super::now_ms)
+    };
+    // 2. A hold that is still there is released in full.
+    if u.hold {
+        let outcome = ledger
+            .settle(
+                conn,
+                &SettleRequest {
+                    account_id: &u.account_id,
+                    charge_id: &u.charge_id,
+                    cost: Some(Credits::ZERO),
+                    reason: "unanswered_debit",
+                    action: &u.action,
+                    ..SettleRequest::default()
+                },
+            )
+            .await?;
+        if matches!(outcome, SettleOutcome::Settled { .. }) {
+            return Ok(Resolution::Voided);
+        }
+    }
+    // 3. Everything the shard wrote before the cutoff is in Postgres.
+    let k = ledger.keys(&u.account_id);
+    let oldest: Value = ledger
+        .timed(
+            redis::cmd("XRANGE")
+                .arg(&k.stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(conn),
+        )
+        .await?;
+    let oldest_ms = match &oldest {
+        Value::Array(items) => items.first().and_then(|item| match item {
+            Value::Array(parts) => parts.first().and_then(super::text),
+            _ => None,
+        }),
+        _ => None,
+    }
+    .and_then(|id| stream_id_ms(&id));
+    if oldest_ms.is_some_and(|ms| ms <= cutoff) {
+        return Ok(Resolution::Later);
+    }
+    let entry_id = format!("{}:debit", u.charge_id);
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT amount, d_allowance, d_purchased FROM ledger_entries WHERE entry_id = $1 LIMIT 1",
+    )
+    .bind(&entry_id)
+    .fetch_optional(pg)
+    .await?;
+    let Some((amount, d_allowance, d_purchased)) = row else {
+        return Ok(Resolution::NotRun);
+    };
+    let void_id = format!("{}:void", u.charge_id);
+    let external_id = format!("void:{}", u.charge_id);
+    let outcome = ledger
+        .credit(
+            conn,
+            &CreditRequest {
+                account_id: &u.account_id,
+                kind: "refund",
+                to_allowance: Credits::from_micros(-d_allowance),
+                to_purchased: Credits::from_micros(-d_purchased),
+                counted: Credits::from_micros(-amount),
+                entry_id: &void_id,
+                external_id: &external_id,
+                mark_ttl: MARK_TTL,
+                route: &u.route,
+                action: &u.action,
+                request_id: &u.request_id,
+                reason: "unanswered_debit",
+                now_ms: super::now_ms(),
+            },
+        )
+        .await?;
+    match outcome {
+        CreditOutcome::Applied { .. } | CreditOutcome::Duplicate { .. } => Ok(Resolution::Voided),
+        // Not in Redis (evicted or lost): it is loaded from the journal, which already holds
+        // the debit; try again once a request loads it.
+        CreditOutcome::Missing => Ok(Resolution::Later),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_carry_their_millisecond() {
+        assert_eq!(stream_id_ms("1700000000000-3"), Some(1_700_000_000_000));
+        assert_eq!(stream_id_ms("x"), None);
+    }
+
+    #[test]
+    fn only_lost_replies_are_unknown() {
+        assert!(outcome_unknown(&LedgerError::Timeout(
+            Duration::from_millis(5)
+        )));
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(!outcome_unknown(&LedgerError::Redis(refused)));
+        let reset = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert!(outcome_unknown(&LedgerError::Redis(reset)));
+        assert!(!outcome_unknown(&LedgerError::NoSuchAccount("a".into())));
+    }
+}
