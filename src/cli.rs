@@ -54,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// The Postgres journal's monthly partitions and retention.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
     /// Load-test a deployment over HTTP/1.1: open loop at a fixed `--rate` (latency from each
     /// request's due time) or closed loop over `--connections`; prints HDR latency percentiles,
     /// throughput and status counts (`--json` for machines).
@@ -77,6 +82,19 @@ enum LedgerCommand {
         config: PathBuf,
         #[arg(long)]
         account: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Create the coming months' partitions and roll up the months every tier's
+    /// `history_days` has let go of (what `serve` does hourly); prints what it did.
+    Prune {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Say what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -144,6 +162,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let cfg = Config::load(&config)?;
             runtime(2)?.block_on(ledger_command(cfg, account, rebuild))
+        }
+        Command::Journal {
+            command: JournalCommand::Prune { config, dry_run },
+        } => {
+            let cfg = Config::load(&config)?;
+            runtime(2)?.block_on(async {
+                let pg = crate::server::connect_postgres(&cfg, false).await?;
+                let (_, mut redis) = crate::server::connect_redis_with_timeout(
+                    &cfg.redis,
+                    std::time::Duration::from_secs(30),
+                )
+                .await?;
+                let settings = crate::journal::partitions::MaintenanceSettings::from_config(&cfg);
+                let report = crate::journal::partitions::run_once(
+                    &pg,
+                    &mut redis,
+                    &settings,
+                    chrono::Utc::now(),
+                    dry_run,
+                )
+                .await?;
+                print!("{report}");
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Loadtest(args) => Ok(crate::loadtest::run_cli(*args)?),
         Command::Serve { config, no_migrate } => {

@@ -1,5 +1,6 @@
 //! Usage statistics and journal history for an account (admin), shared with the
-//! self-service `/_tollgate/v1/usage`.
+//! self-service `/_tollgate/v1/usage`. Neither shows entries older than the account's tier
+//! `history_days`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,19 +46,50 @@ pub fn usage_params(q: &HashMap<String, String>) -> Result<UsageQuery, String> {
     Ok(UsageQuery { from, to, group_by })
 }
 
+/// The first instant an account's tier still shows (`history_days`); `None`: everything, also
+/// for an account whose tier is no longer configured.
+fn cutoff(state: &AppState, tier: &str) -> Option<chrono::DateTime<Utc>> {
+    let days = state.config().tier(tier).and_then(|t| t.history_days());
+    usage::history_cutoff(days, Utc::now())
+}
+
+/// Usage of an account; a range reaching back past its tier's `history_days` starts at that
+/// limit instead (the answer's `from` says so).
 pub async fn account_usage(
     state: &AppState,
     account_id: &str,
     q: &HashMap<String, String>,
 ) -> Result<Value, AdminError> {
     let UsageQuery { from, to, group_by } = usage_params(q).map_err(AdminError::BadRequest)?;
-    let rows = usage::usage(&state.pg, account_id, from, to, group_by).await?;
+    let tier: Option<String> = sqlx::query_scalar("SELECT tier FROM accounts WHERE id = $1")
+        .bind(account_id)
+        .fetch_optional(&state.pg)
+        .await?;
+    let not_before = tier.and_then(|t| cutoff(state, &t));
+    usage_since(state, account_id, from, to, group_by, not_before).await
+}
+
+async fn usage_since(
+    state: &AppState,
+    account_id: &str,
+    from: chrono::DateTime<Utc>,
+    to: chrono::DateTime<Utc>,
+    group_by: Option<GroupBy>,
+    not_before: Option<chrono::DateTime<Utc>>,
+) -> Result<Value, AdminError> {
+    let from = not_before.map_or(from, |n| from.max(n));
+    let rows = if from < to {
+        usage::usage(&state.pg, account_id, from, to, group_by).await?
+    } else {
+        Vec::new()
+    };
     Ok(usage::usage_json(rows, group_by, from, to))
 }
 
-async fn require_account(state: &AppState, id: &str) -> Result<(), AdminError> {
+/// The account's tier, or 404.
+async fn require_account(state: &AppState, id: &str) -> Result<String, AdminError> {
     match crate::store::accounts::get(&state.pg, id).await? {
-        Some(_) => Ok(()),
+        Some(row) => Ok(row.tier),
         None => Err(AdminError::NotFound(format!("no account {id:?}"))),
     }
 }
@@ -67,8 +99,11 @@ pub async fn get_usage(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, AdminError> {
-    require_account(&state, &id).await?;
-    account_usage(&state, &id, &q).await.map(Json)
+    let tier = require_account(&state, &id).await?;
+    let UsageQuery { from, to, group_by } = usage_params(&q).map_err(AdminError::BadRequest)?;
+    usage_since(&state, &id, from, to, group_by, cutoff(&state, &tier))
+        .await
+        .map(Json)
 }
 
 pub async fn get_ledger(
@@ -76,7 +111,7 @@ pub async fn get_ledger(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, AdminError> {
-    require_account(&state, &id).await?;
+    let tier = require_account(&state, &id).await?;
     let limit = match q.get("limit") {
         None => 50,
         Some(l) => l
@@ -92,6 +127,7 @@ pub async fn get_ledger(
                 .ok_or_else(|| AdminError::BadRequest("cursor is not valid".into()))?,
         ),
     };
-    let (entries, next) = usage::history(&state.pg, &id, limit, cursor).await?;
+    let (entries, next) =
+        usage::history(&state.pg, &id, limit, cursor, cutoff(&state, &tier)).await?;
     Ok(Json(json!({"entries": entries, "next_cursor": next})))
 }

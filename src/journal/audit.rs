@@ -8,7 +8,7 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::{Script, Value};
 use sqlx::PgPool;
 
@@ -31,7 +31,7 @@ pub struct Snapshot {
 }
 
 pub async fn snapshot(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &AccountKeys,
     account_id: &str,
 ) -> redis::RedisResult<Snapshot> {
@@ -169,12 +169,12 @@ fn text(v: &Value) -> String {
 pub struct Auditor<'a> {
     pub ledger: &'a Ledger,
     pub pg: &'a PgPool,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     restore: Script,
 }
 
 impl<'a> Auditor<'a> {
-    pub fn new(ledger: &'a Ledger, pg: &'a PgPool, redis: ConnectionManager) -> Self {
+    pub fn new(ledger: &'a Ledger, pg: &'a PgPool, redis: RedisConn) -> Self {
         Auditor {
             ledger,
             pg,

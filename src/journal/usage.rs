@@ -53,17 +53,11 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.and_utc())
 }
 
-/// Totals (or groups) of metered requests in `[from, to)`. Refunds count against credits;
-/// a refunded request still counts as a request.
-pub async fn usage(
-    pg: &PgPool,
-    account_id: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    group_by: Option<GroupBy>,
-) -> Result<Vec<(String, Totals)>, sqlx::Error> {
+/// The statement [`usage`] runs ($1 account, $2 from, $3 to); public for the benchmark's
+/// EXPLAIN (`benches/journal_volume.rs`).
+pub fn usage_sql(group_by: Option<GroupBy>) -> String {
     let key = group_by.map_or("''", GroupBy::sql);
-    let sql = format!(
+    format!(
         "SELECT {key} AS k,
                 count(*) FILTER (WHERE kind = 'debit'),
                 COALESCE(sum(amount), 0)::BIGINT,
@@ -73,7 +67,20 @@ pub async fn usage(
           WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
             AND kind IN ('debit', 'refund', 'settle', 'extend')
           GROUP BY 1 ORDER BY 1"
-    );
+    )
+}
+
+/// Totals (or groups) of metered requests in `[from, to)`. Refunds count against credits;
+/// a refunded request still counts as a request. Only request kinds count: bookkeeping
+/// entries (`grant`, `reset`, `carry_forward`, …) are not spending.
+pub async fn usage(
+    pg: &PgPool,
+    account_id: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    group_by: Option<GroupBy>,
+) -> Result<Vec<(String, Totals)>, sqlx::Error> {
+    let sql = usage_sql(group_by);
     let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)
         .bind(account_id)
         .bind(from)
@@ -159,30 +166,59 @@ type Row = (
     DateTime<Utc>,
 );
 
-/// One page of an account's journal, newest first, and the cursor of the next page.
+/// The first instant a tier with `history_days` still shows (`None`: everything).
+pub fn history_cutoff(history_days: Option<u32>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    history_days.and_then(|d| now.checked_sub_signed(chrono::TimeDelta::days(i64::from(d))))
+}
+
+/// The statement [`history`] runs: $1 account, then the cursor's time and entry id when
+/// `cursor`, then the history limit when `not_before`, then the row limit. Public for the
+/// benchmark's EXPLAIN.
+pub fn history_sql(cursor: bool, not_before: bool) -> String {
+    let mut conditions = String::from("account_id = $1");
+    let mut n = 2;
+    if cursor {
+        // `created_at <=` prunes partitions; the row comparison is the exact position.
+        conditions.push_str(" AND created_at <= $2 AND (created_at, entry_id) < ($2, $3)");
+        n = 4;
+    }
+    if not_before {
+        conditions.push_str(&format!(" AND created_at >= ${n}"));
+        n += 1;
+    }
+    format!(
+        "SELECT entry_id, kind, amount, d_allowance, d_purchased, allowance_after, purchased_after,
+                request_id, route, action, tokens_in, tokens_out, upstream_status, reason, created_at
+           FROM ledger_entries
+          WHERE {conditions}
+          ORDER BY created_at DESC, entry_id DESC
+          LIMIT ${n}"
+    )
+}
+
+/// One page of an account's journal, newest first, and the cursor of the next page; entries
+/// before `not_before` (the tier's history limit) are not shown.
+///
+/// The statement is one of four fixed texts (with or without a cursor, with or without a
+/// history limit) rather than one with optional parameters, so every plan, generic ones
+/// included, prunes the monthly partitions outside the range and walks the (account, time)
+/// index from the cursor.
 pub async fn history(
     pg: &PgPool,
     account_id: &str,
     limit: i64,
     cursor: Option<(DateTime<Utc>, String)>,
+    not_before: Option<DateTime<Utc>>,
 ) -> Result<(Vec<Value>, Option<String>), sqlx::Error> {
-    let (at, id) = cursor.unwrap_or((DateTime::<Utc>::MAX_UTC, String::new()));
-    let unbounded = id.is_empty();
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT entry_id, kind, amount, d_allowance, d_purchased, allowance_after, purchased_after,
-                request_id, route, action, tokens_in, tokens_out, upstream_status, reason, created_at
-           FROM ledger_entries
-          WHERE account_id = $1 AND ($4 OR (created_at, entry_id) < ($2, $3))
-          ORDER BY created_at DESC, entry_id DESC
-          LIMIT $5",
-    )
-    .bind(account_id)
-    .bind(at)
-    .bind(&id)
-    .bind(unbounded)
-    .bind(limit + 1)
-    .fetch_all(pg)
-    .await?;
+    let sql = history_sql(cursor.is_some(), not_before.is_some());
+    let mut query = sqlx::query_as::<_, Row>(&sql).bind(account_id);
+    if let Some((at, id)) = cursor {
+        query = query.bind(at).bind(id);
+    }
+    if let Some(t) = not_before {
+        query = query.bind(t);
+    }
+    let rows: Vec<Row> = query.bind(limit + 1).fetch_all(pg).await?;
     let more = rows.len() as i64 > limit;
     let page: Vec<&Row> = rows.iter().take(limit as usize).collect();
     let next = if more {

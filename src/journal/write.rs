@@ -1,6 +1,11 @@
 //! Writing journal entries to Postgres: one multi-row statement per batch, idempotent on the
 //! entry id (a re-delivered stream entry is stored once), in one transaction with the period
 //! changes that `reset` entries carry.
+//!
+//! `ledger_entries` is partitioned by month (`partitions`); the statement is the same: each
+//! row is routed by its `created_at`, the entry's own timestamp from the stream, so a
+//! re-delivery reaches the same partition and conflicts on (entry_id, created_at). A month
+//! without a partition goes to the DEFAULT partition, so no date ever fails a batch.
 
 use sqlx::PgPool;
 

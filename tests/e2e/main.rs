@@ -3,6 +3,7 @@
 //! in parallel and leave nothing behind. See `harness.rs` for the environment variables.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cluster_util;
 mod harness;
 mod ledger_util;
 mod upstream;
@@ -35,6 +36,7 @@ mod sse;
 mod journal_audit;
 mod journal_crash;
 mod journal_dedup;
+mod journal_partitions;
 mod journal_pg_outage;
 mod journal_redis_loss;
 mod journal_shutdown;
@@ -51,6 +53,8 @@ mod stripe_reports;
 mod stripe_subscriptions;
 mod stripe_util;
 mod stripe_webhooks;
+
+mod cluster;
 
 mod loadtest;
 mod openapi;
