@@ -173,8 +173,9 @@ pub fn true_cost(
     let response_bytes = m.response.as_ref().map_or(0, |r| r.bytes);
     if status == Some(101) && body_bytes == 0 && response_bytes == 0 {
         // An upgraded session that never carried a byte either way was dropped at birth (a
-        // client gone at once, or Pingora 0.9 tearing down the tunnel right after the 101,
-        // cloudflare/pingora#946): nothing was served, nothing is charged.
+        // client gone at once, or a tunnel torn down right after the 101 as Pingora 0.9.1 did,
+        // cloudflare/pingora#946, patched in vendor/pingora-proxy): nothing was served, nothing
+        // is charged.
         return (Some(Credits::ZERO), "upgrade_dropped", reported);
     }
     if m.cut_sent || hold.must_cut() {

@@ -25,7 +25,7 @@ use crate::stripe_util::{
     WEBHOOK_SECRET,
 };
 use crate::upstream::FakeUpstream;
-use crate::ws_client::{ws_url, WsClient, WsConnectError, WsEvent};
+use crate::ws_client::{ws_url, WsClient};
 
 /// Micro-credits in a credit (a token, in the token recipes).
 const C: i64 = 1_000_000;
@@ -188,36 +188,17 @@ async fn chat(app: &App, key: &str, prompt: u64, completion: u64) -> Answer {
 }
 
 /// Opens a WebSocket session through tollgate and checks that it carries a first message (an
-/// echo of `hello`). Pingora 0.9 sometimes tears an upgraded connection down right after the
-/// 101, when the upstream's answer is read before the upgrade request's empty body
-/// (cloudflare/pingora#946, fix proposed in #947): such a session is opened again. Returns the
-/// live session and how many sessions were opened in all (each one a request tollgate
-/// metered); a refusal while a torn-down session's lease is being released is retried too.
-async fn ws_session(app: &App, path: &str, key: &str) -> (WsClient, i64) {
+/// echo of `hello`).
+async fn ws_session(app: &App, path: &str, key: &str) -> WsClient {
     let url = ws_url(app.proxy_addr(), path);
-    let auth = format!("Bearer {key}");
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut opened = 0;
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no WebSocket session through {path} after {opened} attempts"
-        );
-        match WsClient::try_connect(&url, &[("authorization", auth.as_str())]).await {
-            Ok(mut ws) => {
-                opened += 1;
-                ws.send_text("hello").await;
-                match ws.recv(WAIT).await {
-                    WsEvent::Text(t) if t == "hello" => return (ws, opened),
-                    WsEvent::Gone(_) => {}
-                    other => panic!("{path}: the session's first answer was {other:?}"),
-                }
-            }
-            Err(WsConnectError::Rejected { status: 429, .. }) if opened > 0 => {}
-            Err(e) => panic!("{path}: the handshake failed: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut ws = WsClient::connect_bearer(&url, key).await;
+    ws.send_text("hello").await;
+    assert_eq!(
+        ws.recv_text(WAIT).await,
+        "hello",
+        "{path}: the first message"
+    );
+    ws
 }
 
 /// Asserts 429 `quota_exceeded` for `quota` with `limit`, and a Retry-After.
@@ -668,17 +649,12 @@ async fn recipes_voice_assistant_sessions_by_the_minute_and_requests_per_month()
     let (account, key) = app.account_with_key("free").await;
 
     // A voice session over WebSocket: one request, metered by the started minute.
-    let (mut ws, sessions) = ws_session(app, "/v1/voice/ws", &key).await;
+    let mut ws = ws_session(app, "/v1/voice/ws", &key).await;
     ws.send_binary(&[1, 2, 3]).await;
     assert_eq!(ws.recv_binary(WAIT).await, vec![1, 2, 3]);
     ws.close(1000, "bye").await;
     ws.wait_close(WAIT).await;
-    wait_usage(
-        app,
-        &account,
-        &[("voice_session", (sessions, sessions * C, 0, 0))],
-    )
-    .await;
+    wait_usage(app, &account, &[("voice_session", (1, C, 0, 0))]).await;
     let settled: Vec<_> = journal_kinds(&r.env, &account)
         .await
         .into_iter()
@@ -686,12 +662,12 @@ async fn recipes_voice_assistant_sessions_by_the_minute_and_requests_per_month()
         .collect();
     assert_eq!(
         settled,
-        vec![("settle".to_string(), "measured".to_string()); sessions as usize],
-        "one minute per session, as measured"
+        vec![("settle".to_string(), "measured".to_string())],
+        "one minute, as measured"
     );
 
-    // 100 requests a month: the session was the first (see ws_session), text turns make 100 ...
-    for _ in sessions..100 {
+    // 100 requests a month: the session was the first, text turns make 100 ...
+    for _ in 1..100 {
         let a = chat(app, &key, 1, 1).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     }
@@ -765,7 +741,7 @@ async fn recipes_token_packages_rates_per_action_and_a_package_purchase() {
 
     // VM runtime: the first minute is held when the VM session opens; a session shorter than
     // a minute costs exactly 1 token.
-    let (mut vm, sessions) = ws_session(app, "/v1/vm-sessions/vm-1/ws", &key).await;
+    let mut vm = ws_session(app, "/v1/vm-sessions/vm-1/ws", &key).await;
     assert_eq!(
         vm.response_headers
             .get("x-credits-charged")
@@ -776,7 +752,7 @@ async fn recipes_token_packages_rates_per_action_and_a_package_purchase() {
     assert_eq!(vm.recv_text(WAIT).await, "uptime");
     vm.close(1000, "shutdown").await;
     vm.wait_close(WAIT).await;
-    let left = 6_494_600_000 - sessions * C;
+    let left = 6_494_600_000 - C;
     let ok = poll_until(WAIT, || async {
         balance_micros(app, &account).await == left
     })
@@ -795,7 +771,7 @@ async fn recipes_token_packages_rates_per_action_and_a_package_purchase() {
             ("api_call", (2, C / 5, 0, 0)),
             ("file_upload", (2, 4 * C + C / 2, 0, 0)),
             ("screenshot", (1, C / 2, 0, 0)),
-            ("vm_runtime", (sessions, sessions * C, 0, 0)),
+            ("vm_runtime", (1, C, 0, 0)),
         ],
     )
     .await;
@@ -847,10 +823,9 @@ async fn recipes_token_packages_vm_runtime_is_billed_per_started_step() {
     let (status, body) = grant(app, &account, json!(10), "vm").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
-    let (mut vm, sessions) = ws_session(app, "/v1/vm-sessions/vm-2/ws", &key).await;
+    let mut vm = ws_session(app, "/v1/vm-sessions/vm-2/ws", &key).await;
     let step = 16_667;
-    // A session torn down at the handshake (see ws_session) settles at its one started step.
-    let start = 10 * C - sessions * step;
+    let start = 10 * C - step;
     let ok = poll_until(WAIT, || async {
         balance_micros(app, &account).await == start
     })
@@ -884,8 +859,8 @@ async fn recipes_token_packages_vm_runtime_is_billed_per_started_step() {
             .await
             .iter()
             .filter(|(kind, _)| kind == "settle")
-            .count() as i64
-            == sessions
+            .count()
+            == 1
     })
     .await;
     assert!(settled, "the session was not settled");
@@ -1058,7 +1033,7 @@ async fn recipes_degenz_lounge_one_sandbox_session_at_a_time_on_free() {
     let auth = format!("Bearer {key}");
     let headers = [("authorization", auth.as_str())];
 
-    let (mut first, _) = ws_session(app, "/v1/sandbox/ws", &key).await;
+    let mut first = ws_session(app, "/v1/sandbox/ws", &key).await;
     first.send_text("ls").await;
     assert_eq!(first.recv_text(WAIT).await, "ls");
     let (status, body) = WsClient::expect_rejected(&url, &headers).await;
@@ -1104,7 +1079,7 @@ async fn recipes_degenz_lounge_one_sandbox_session_at_a_time_on_free() {
     let pheaders = [("authorization", pauth.as_str())];
     let mut open = Vec::new();
     for _ in 0..5 {
-        open.push(ws_session(app, "/v1/sandbox/ws", &pkey).await.0);
+        open.push(ws_session(app, "/v1/sandbox/ws", &pkey).await);
     }
     let (status, _) = WsClient::expect_rejected(&url, &pheaders).await;
     assert_eq!(status, 429);
