@@ -330,6 +330,48 @@ impl Recorder {
     fn counts(&self, account: usize) -> Counts {
         self.count(account, |_| true)
     }
+
+    /// One line for a failure message: the account, its node and its answers so far.
+    fn report(&self, accounts: &[(String, usize)], i: usize) -> String {
+        format!(
+            "{} (node {}): {:?}",
+            accounts[i].0,
+            accounts[i].1,
+            self.counts(i)
+        )
+    }
+
+    /// Waits until every account has `ok` successes (the load is running), or panics.
+    async fn wait_warm(&self, accounts: usize, ok: i64) {
+        let warm = poll_until(Duration::from_secs(10), || async {
+            (0..accounts).all(|i| self.counts(i).ok >= ok)
+        })
+        .await;
+        assert!(warm, "no load before the fault");
+    }
+}
+
+/// Load workers per account for a fault test: more traffic on the node that dies, so debits
+/// are in flight when it does.
+fn fault_workers(accounts: &[(String, usize)], killed: usize) -> Vec<usize> {
+    accounts
+        .iter()
+        .map(|(_, node)| if *node == killed { 3 } else { 1 })
+        .collect()
+}
+
+/// The `tollgate_unanswered_debits_total` samples of every process, `pid N: …` each.
+async fn unanswered_samples(apps: &[&App]) -> Vec<String> {
+    let mut samples = Vec::new();
+    for app in apps {
+        let text = app.metrics_text().await;
+        samples.extend(
+            text.lines()
+                .filter(|l| l.starts_with("tollgate_unanswered_debits_total"))
+                .map(|l| format!("pid {}: {l}", app.pid)),
+        );
+    }
+    samples
 }
 
 /// `workers` loops per (account, proxy), each sending `POST /v1/load` with the account's key
@@ -789,19 +831,11 @@ async fn a_primary_restarted_mid_load_loses_no_credit_and_spends_none_twice() {
     let mut healthy_at = Instant::now();
     let mut outage_journal: Vec<String> = Vec::new();
     let pg = env.pg().await;
-    // More traffic on the node that dies, so debits are in flight when it does.
     let apps = [&a, &b];
-    let workers: Vec<usize> = accounts
-        .iter()
-        .map(|(_, node)| if *node == KILLED { 3 } else { 1 })
-        .collect();
+    let workers = fault_workers(&accounts, KILLED);
     let load = run_load(&apps, &keys, &workers, Duration::from_millis(10), &rec);
     let fault = async {
-        let warm = poll_until(Duration::from_secs(10), || async {
-            (0..accounts.len()).all(|i| rec.counts(i).ok >= 20)
-        })
-        .await;
-        assert!(warm, "no load before the fault");
+        rec.wait_warm(accounts.len(), 20).await;
         kill_at = Instant::now();
         cluster.kill_node(KILLED);
         let noticed = poll_until(Duration::from_secs(10), || async {
@@ -853,14 +887,7 @@ async fn a_primary_restarted_mid_load_loses_no_credit_and_spends_none_twice() {
     };
     let (_, recovered) = tokio::join!(load, fault);
 
-    let report = |i: usize| {
-        format!(
-            "{} (node {}): {:?}",
-            accounts[i].0,
-            accounts[i].1,
-            rec.counts(i)
-        )
-    };
+    let report = |i: usize| rec.report(&accounts, i);
     let all: Vec<String> = (0..accounts.len()).map(report).collect();
     eprintln!(
         "outage {:?}, restart took {:?}; answers: {all:#?}",
@@ -934,32 +961,15 @@ async fn a_primary_restarted_mid_load_loses_no_credit_and_spends_none_twice() {
                 journal_by_kind(&pg, account).await
             ));
         }
-        let mut metrics = Vec::new();
-        for app in [&a, &b] {
-            let text = app.metrics_text().await;
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| l.starts_with("tollgate_unanswered_debits_total"))
-                .collect();
-            metrics.push(format!("pid {}: {}", app.pid, lines.join(", ")));
-        }
         panic!(
             "balances are not initial - cost x successes 30 s after the journal caught up:\n{}\n\
              unanswered debits:\n{}",
             lines.join("\n"),
-            metrics.join("\n")
+            unanswered_samples(&apps).await.join("\n")
         );
     }
     assert_caught_up(&cluster, &prefix, Duration::from_secs(30)).await;
-    let mut unanswered = Vec::new();
-    for app in [&a, &b] {
-        let text = app.metrics_text().await;
-        unanswered.extend(
-            text.lines()
-                .filter(|l| l.starts_with("tollgate_unanswered_debits_total"))
-                .map(str::to_string),
-        );
-    }
+    let unanswered = unanswered_samples(&apps).await;
     for (i, (account, _)) in accounts.iter().enumerate() {
         assert_balance_is_journal_sum(&a, &pg, account).await;
         eprintln!(
@@ -1013,18 +1023,10 @@ async fn a_failed_primary_is_replaced_by_its_replica_and_no_credit_is_spent_twic
     let mut promoted_at = Instant::now();
     let mut promoted = usize::MAX;
     let apps = [&a, &b];
-    // More traffic on the node that dies, so debits are in flight when it does.
-    let workers: Vec<usize> = accounts
-        .iter()
-        .map(|(_, node)| if *node == KILLED { 3 } else { 1 })
-        .collect();
+    let workers = fault_workers(&accounts, KILLED);
     let load = run_load(&apps, &keys, &workers, Duration::from_millis(10), &rec);
     let fault = async {
-        let warm = poll_until(Duration::from_secs(10), || async {
-            (0..accounts.len()).all(|i| rec.counts(i).ok >= 20)
-        })
-        .await;
-        assert!(warm, "no load before the fault");
+        rec.wait_warm(accounts.len(), 20).await;
         kill_at = Instant::now();
         // Killed for good: only its replica can bring its shards back.
         cluster.kill_node(KILLED);
@@ -1043,14 +1045,7 @@ async fn a_failed_primary_is_replaced_by_its_replica_and_no_credit_is_spent_twic
     };
     let (_, recovered) = tokio::join!(load, fault);
 
-    let report = |i: usize| {
-        format!(
-            "{} (node {}): {:?}",
-            accounts[i].0,
-            accounts[i].1,
-            rec.counts(i)
-        )
-    };
+    let report = |i: usize| rec.report(&accounts, i);
     let all: Vec<String> = (0..accounts.len()).map(report).collect();
     let outcomes = rec.all();
     // Per process: the last 503 of the killed node's accounts, and its first success after
@@ -1180,18 +1175,7 @@ async fn a_failed_primary_is_replaced_by_its_replica_and_no_credit_is_spent_twic
         .map(|o| o.finished)
         .max()
         .unwrap_or(kill_at);
-    let unanswered = || async {
-        let mut samples = Vec::new();
-        for app in [&a, &b] {
-            let text = app.metrics_text().await;
-            samples.extend(
-                text.lines()
-                    .filter(|l| l.starts_with("tollgate_unanswered_debits_total"))
-                    .map(str::to_string),
-            );
-        }
-        samples
-    };
+    let unanswered = || unanswered_samples(&apps);
     let voided = |samples: &[String]| -> i64 {
         samples
             .iter()
