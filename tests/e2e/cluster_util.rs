@@ -653,30 +653,27 @@ impl RedisCluster {
     pub async fn begin_migration(&self, slot: u16, to: usize) -> SlotMigration {
         let from = self.owner_of_slot(slot).await;
         assert_ne!(from, to, "slot {slot} is already on node {to}");
-        let mut target = self.conn(to).await;
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("IMPORTING")
-            .arg(self.node_id(from))
-            .query_async(&mut target)
-            .await
-            .unwrap_or_else(|e| panic!("SETSLOT {slot} IMPORTING on node {to}: {e}"));
-        let mut source = self.conn(from).await;
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("MIGRATING")
-            .arg(self.node_id(to))
-            .query_async(&mut source)
-            .await
-            .unwrap_or_else(|e| panic!("SETSLOT {slot} MIGRATING on node {from}: {e}"));
+        self.set_slot(to, slot, "IMPORTING", from).await;
+        self.set_slot(from, slot, "MIGRATING", to).await;
         SlotMigration {
             slot,
             from,
             to,
             keys_moved: 0,
         }
+    }
+
+    /// `CLUSTER SETSLOT slot <state> <id of node>` on node `on`.
+    async fn set_slot(&self, on: usize, slot: u16, state: &str, node: usize) {
+        let mut conn = self.conn(on).await;
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(self.node_id(node))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SETSLOT {slot} {state} {node} on node {on}: {e}"));
     }
 
     /// Moves up to `max` keys of the slot (`CLUSTER GETKEYSINSLOT` + `MIGRATE … KEYS`, in
@@ -726,15 +723,7 @@ impl RedisCluster {
         let mut order = vec![m.to, m.from];
         order.extend((0..self.nodes.len()).filter(|i| *i != m.to && *i != m.from));
         for i in order {
-            let mut conn = self.conn(i).await;
-            let _: () = redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(m.slot)
-                .arg("NODE")
-                .arg(self.node_id(m.to))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("SETSLOT {} NODE on node {i}: {e}", m.slot));
+            self.set_slot(i, m.slot, "NODE", m.to).await;
         }
         // Every node agrees before the test goes on.
         let ok = crate::harness::poll_until(Duration::from_secs(10), || async {
