@@ -72,6 +72,20 @@ monthly_credits = {credits}
     )
 }
 
+/// Two tollgate processes on the cluster with `metered_toml`: `a` names the nodes from the
+/// first, `b` from the second (so they start from different seeds).
+async fn metered_pair(
+    env: &TestEnv,
+    cluster: &RedisCluster,
+    up: &FakeUpstream,
+    credits: i64,
+) -> (ConfigBuilder, App, App) {
+    let cfg = on_cluster(env.config(), cluster).toml(metered_toml(&up.url(), credits));
+    let a = cfg.spawn().await;
+    let b = cfg.clone().redis_url(cluster.url_from(1)).spawn().await;
+    (cfg, a, b)
+}
+
 /// `base` on the cluster, with [`SHARDS`] shards. The timeout is generous: every write is
 /// fsynced (`appendfsync always`) on a busy test machine, and a slow reply is not what these
 /// tests are about.
@@ -419,10 +433,7 @@ async fn two_instances_on_a_cluster_charge_exactly_on_every_node() {
     let env = TestEnv::new().await;
     let cluster = RedisCluster::start(env.dir()).await;
     let up = FakeUpstream::start().await;
-    let cfg = on_cluster(env.config(), &cluster).toml(metered_toml(&up.url(), CREDITS as i64));
-    let a = cfg.spawn().await;
-    // The second process names the nodes in another order.
-    let b = cfg.clone().redis_url(cluster.url_from(1)).spawn().await;
+    let (cfg, a, b) = metered_pair(&env, &cluster, &up, CREDITS as i64).await;
 
     let map = cluster.slot_map().await;
     let accounts = accounts_per_node(&map, env.prefix(), 2);
@@ -683,9 +694,7 @@ async fn moving_a_busy_shard_to_another_node_charges_every_request_once() {
     let env = TestEnv::new().await;
     let cluster = RedisCluster::start(env.dir()).await;
     let up = FakeUpstream::start().await;
-    let cfg = on_cluster(env.config(), &cluster).toml(metered_toml(&up.url(), CREDITS));
-    let a = cfg.spawn().await;
-    let b = cfg.clone().redis_url(cluster.url_from(1)).spawn().await;
+    let (cfg, a, b) = metered_pair(&env, &cluster, &up, CREDITS).await;
     let prefix = env.prefix().to_string();
 
     // `busy` and `neighbour` share a shard (so the slot holds two accounts while it is half
@@ -815,9 +824,7 @@ async fn a_primary_restarted_mid_load_loses_no_credit_and_spends_none_twice() {
     let env = TestEnv::new().await;
     let mut cluster = RedisCluster::start(env.dir()).await;
     let up = FakeUpstream::start().await;
-    let cfg = on_cluster(env.config(), &cluster).toml(metered_toml(&up.url(), CREDITS));
-    let a = cfg.spawn().await;
-    let b = cfg.clone().redis_url(cluster.url_from(1)).spawn().await;
+    let (cfg, a, b) = metered_pair(&env, &cluster, &up, CREDITS).await;
     let prefix = env.prefix().to_string();
 
     let map = cluster.slot_map().await;
@@ -1004,9 +1011,7 @@ async fn a_failed_primary_is_replaced_by_its_replica_and_no_credit_is_spent_twic
     let env = TestEnv::new().await;
     let mut cluster = RedisCluster::start_with_replicas(env.dir()).await;
     let up = FakeUpstream::start().await;
-    let cfg = on_cluster(env.config(), &cluster).toml(metered_toml(&up.url(), CREDITS));
-    let a = cfg.spawn().await;
-    let b = cfg.clone().redis_url(cluster.url_from(1)).spawn().await;
+    let (cfg, a, b) = metered_pair(&env, &cluster, &up, CREDITS).await;
     let prefix = env.prefix().to_string();
 
     let before = cluster.slot_map().await;
