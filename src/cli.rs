@@ -83,6 +83,19 @@ enum LedgerCommand {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Apply again the purchases, clawbacks and grants recorded in Postgres (last 7 days) that
+    /// Redis lost before their journal entry was written (what `serve` does every
+    /// `journal.reconcile_after_seconds`); prints each one.
+    Reconcile {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only credits recorded at least this long ago.
+        #[arg(long, default_value_t = 60)]
+        older_than_seconds: u64,
+        /// Say what would be re-applied, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,14 +168,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime(0)?.block_on(crate::demo::serve_upstream(listen))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ledger { command } => {
-            let (config, account, rebuild) = match command {
-                LedgerCommand::Audit { config, account } => (config, account, false),
-                LedgerCommand::Rebuild { config, account } => (config, account, true),
-            };
-            let cfg = Config::load(&config)?;
-            runtime(2)?.block_on(ledger_command(cfg, account, rebuild))
-        }
+        Command::Ledger { command } => match command {
+            LedgerCommand::Audit { config, account } => {
+                runtime(2)?.block_on(ledger_command(Config::load(&config)?, account, false))
+            }
+            LedgerCommand::Rebuild { config, account } => {
+                runtime(2)?.block_on(ledger_command(Config::load(&config)?, account, true))
+            }
+            LedgerCommand::Reconcile {
+                config,
+                older_than_seconds,
+                dry_run,
+            } => {
+                let cfg = Config::load(&config)?;
+                runtime(2)?.block_on(reconcile_command(cfg, older_than_seconds, dry_run))
+            }
+        },
         Command::Journal {
             command: JournalCommand::Prune { config, dry_run },
         } => {
@@ -203,6 +224,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+async fn reconcile_command(
+    cfg: Config,
+    older_than_seconds: u64,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let pg = crate::server::connect_postgres(&cfg, false).await?;
+    let (_, mut redis) =
+        crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
+            .await?;
+    let report = crate::ledger::reconcile::run_once(
+        &cli_ledger(&cfg),
+        &mut redis,
+        &pg,
+        &cfg,
+        std::time::Duration::from_secs(older_than_seconds),
+        dry_run,
+    )
+    .await?;
+    print!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn ledger_command(
     cfg: Config,
     account: Option<String>,
@@ -213,11 +256,7 @@ async fn ledger_command(
     let (_, redis) =
         crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
             .await?;
-    let ledger = crate::ledger::Ledger::new(
-        &cfg.redis.key_prefix,
-        cfg.redis.shards,
-        std::time::Duration::from_secs(5),
-    );
+    let ledger = cli_ledger(&cfg);
     let mut auditor = Auditor::new(&ledger, &pg, redis);
     let accounts = auditor.accounts(account.as_deref()).await?;
     let (mut drifting, mut unflushed, mut not_loaded) = (0usize, 0usize, 0usize);
@@ -271,4 +310,13 @@ async fn ledger_command(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The ledger as the CLI's commands use it (a generous timeout: they run beside live traffic).
+fn cli_ledger(cfg: &Config) -> crate::ledger::Ledger {
+    crate::ledger::Ledger::new(
+        &cfg.redis.key_prefix,
+        cfg.redis.shards,
+        std::time::Duration::from_secs(5),
+    )
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Debits whose reply was lost (timeout, dropped connection), by how they were resolved:
     /// voided (the journal shows the debit ran; refunded), not_run, gave_up.
     pub unanswered_debits: IntCounterVec,
+    /// Recorded credits (purchase, adjustment, grant) Redis had lost and that were applied
+    /// again; `error` counts failed reconciliation passes.
+    pub credits_reapplied: IntCounterVec,
 }
 
 fn counter(
@@ -162,6 +165,12 @@ impl Metrics {
                 "tollgate_unanswered_debits_total",
                 "Debits whose reply was lost, by resolution (voided, not_run, gave_up)",
                 &["outcome"],
+            )?,
+            credits_reapplied: counter(
+                &r,
+                "tollgate_credits_reapplied_total",
+                "Recorded credits Redis had lost, applied again, by kind (error: failed passes)",
+                &["kind"],
             )?,
             journal_flushed,
             journal_batch_seconds,

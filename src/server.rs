@@ -195,6 +195,26 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         stop.clone(),
     ));
 
+    // Credits recorded in Postgres that Redis lost (a failover) are applied again.
+    let reconcile_state = Arc::clone(&state);
+    background.spawn({
+        let stop = stop.clone();
+        let every = Duration::from_secs(config.journal.reconcile_after_seconds);
+        async move {
+            let s = &reconcile_state;
+            crate::ledger::reconcile::run(
+                &s.ledger,
+                s.redis.clone(),
+                &s.pg,
+                || s.config(),
+                &s.metrics,
+                every,
+                stop,
+            )
+            .await;
+        }
+    });
+
     // Debits whose reply was lost are refunded once the journal shows they ran.
     let unanswered_state = Arc::clone(&state);
     background.spawn({

@@ -3,7 +3,6 @@
 //! (Postgres records the grant, a Redis mark guards the credit itself).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -13,11 +12,11 @@ use serde_json::{json, Value};
 
 use super::error::AdminError;
 use super::extract::JsonBody;
-use crate::ledger::{self, CreditOutcome, CreditRequest};
+use crate::ledger::reconcile::RecordedCredit;
+use crate::ledger::{self, CreditOutcome};
 use crate::money::Credits;
 use crate::state::AppState;
 
-const MARK_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The largest single grant, in credits. Balances must stay where micro-credit integers are
 /// exact in the ledger scripts (below 2^53 µc ≈ 9 billion credits); a typo like an extra
 /// dozen zeros is refused here with a clear 400 instead of failing in Redis.
@@ -103,24 +102,12 @@ pub async fn create(
         // this safe if the first attempt did reach Redis.
     }
 
-    let entry_id = format!("grant:{account_id}:{key}");
-    let request = CreditRequest {
-        account_id: &account_id,
-        kind: "grant",
-        to_allowance: Credits::ZERO,
-        to_purchased: body.credits,
-        counted: Credits::ZERO,
-        entry_id: &entry_id,
-        external_id: &entry_id,
-        mark_ttl: MARK_TTL,
-        route: "",
-        action: "",
-        request_id: "",
-        reason,
-        now_ms: ledger::now_ms(),
-    };
+    let credit = RecordedCredit::grant(&account_id, key, body.credits, reason);
     let mut conn = state.redis.clone();
-    let outcome = state.ledger.credit(&mut conn, &request).await?;
+    let outcome = state
+        .ledger
+        .credit(&mut conn, &credit.request(ledger::now_ms()))
+        .await?;
     if outcome == CreditOutcome::Missing {
         return Err(AdminError::Unavailable(
             "account vanished from Redis during the grant".into(),

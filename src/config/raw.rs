@@ -107,18 +107,28 @@ pub struct Journal {
     /// being idle this long.
     #[serde(default = "default_claim_idle")]
     pub claim_idle_seconds: u64,
+    /// A purchase, clawback or grant recorded in Postgres whose journal entry is still missing
+    /// this long after is checked against Redis and applied again if Redis lost it (a
+    /// failover's asynchronous replication); also how often that check runs.
+    #[serde(default = "default_reconcile_after")]
+    pub reconcile_after_seconds: u64,
 }
 
 impl Default for Journal {
     fn default() -> Self {
         Journal {
             claim_idle_seconds: default_claim_idle(),
+            reconcile_after_seconds: default_reconcile_after(),
         }
     }
 }
 
 fn default_claim_idle() -> u64 {
     10
+}
+
+fn default_reconcile_after() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -216,3 +216,13 @@ fn a_bad_history_days_names_the_field() {
         assert!(e.contains("tiers.free.history_days"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_credit_reconciliation_interval_is_bounded() {
+    assert_eq!(load(BASE).unwrap().journal.reconcile_after_seconds, 60);
+    let e = errors(&format!("{BASE}\n[journal]\nreconcile_after_seconds = 0\n"));
+    assert!(
+        e.contains("journal.reconcile_after_seconds: must be between 1 and 86400"),
+        "{e}"
+    );
+}

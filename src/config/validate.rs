@@ -207,6 +207,12 @@ pub(super) fn validate(
     if !(1..=3600).contains(&raw.journal.claim_idle_seconds) {
         p.add("journal.claim_idle_seconds", "must be between 1 and 3600");
     }
+    if !(1..=86_400).contains(&raw.journal.reconcile_after_seconds) {
+        p.add(
+            "journal.reconcile_after_seconds",
+            "must be between 1 and 86400",
+        );
+    }
 
     // [auth]
     if !(1..=3600).contains(&raw.auth.key_cache_ttl_seconds) {

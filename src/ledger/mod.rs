@@ -8,6 +8,7 @@ pub mod billing;
 pub mod holds;
 pub mod hydrate;
 pub mod keys;
+pub mod reconcile;
 pub mod unanswered;
 
 use std::time::Duration;
@@ -406,6 +407,18 @@ impl Ledger {
             },
             _ => return Err(reply_err(&reply)),
         })
+    }
+
+    /// Whether Redis holds the idempotency mark of a credit (it ran and was not lost).
+    pub async fn credit_mark_exists(
+        &self,
+        conn: &mut RedisConn,
+        account_id: &str,
+        external_id: &str,
+    ) -> Result<bool, LedgerError> {
+        let mark = self.keys(account_id).seen(external_id);
+        self.timed(redis::cmd("EXISTS").arg(&mark).query_async(conn))
+            .await
     }
 
     /// Changes the tier in Redis (allowance becomes the new tier's monthly credits). `false`

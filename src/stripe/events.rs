@@ -20,13 +20,15 @@ use super::catalog::{self, Interval};
 use super::webhook::{at, bool_at, i64_at, id_at, str_at, Event};
 use crate::config::Config;
 use crate::ledger::billing::{RenewOutcome, Renewal};
+use crate::ledger::reconcile::RecordedCredit;
 use crate::ledger::{self, CreditOutcome, CreditRequest, LedgerError};
 use crate::money::{mul_div_ceil, Credits};
 use crate::state::AppState;
 
 /// How long Redis remembers an applied purchase, refund or renewal. Postgres remembers the
-/// event and the object forever; the mark only has to outlive Stripe's retries of one event.
-const MARK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// event and the object forever; the mark has to outlive Stripe's retries of one event and
+/// the window in which lost credits are re-applied (`ledger::reconcile`).
+const MARK_TTL: Duration = ledger::reconcile::STRIPE_MARK_TTL;
 
 /// Subscription statuses in which the account should have the subscribed tier.
 const LIVE: &[&str] = &["active", "trialing", "past_due"];
@@ -424,24 +426,9 @@ impl Cx<'_, '_> {
             return Ok(Outcome::AlreadyApplied);
         }
         self.remember_customer(account_id).await?;
-        let external = format!("purchase:{session_id}");
-        let reason = format!("credit pack {} (Stripe {session_id})", pack.id);
-        self.credit(&CreditRequest {
-            account_id,
-            kind: "purchase",
-            to_allowance: Credits::ZERO,
-            to_purchased: catalog::pack_total(&pack),
-            counted: Credits::ZERO,
-            entry_id: &external,
-            external_id: &external,
-            mark_ttl: MARK_TTL,
-            route: "",
-            action: "",
-            request_id: session_id,
-            reason: &reason,
-            now_ms: ledger::now_ms(),
-        })
-        .await?;
+        let credit =
+            RecordedCredit::purchase(account_id, session_id, &pack.id, catalog::pack_total(&pack));
+        self.credit(&credit.request(ledger::now_ms())).await?;
         tracing::info!(account = %account_id, pack = %pack.id, session = %session_id, "credit pack purchased");
         Ok(Outcome::Applied)
     }
@@ -992,24 +979,9 @@ impl Cx<'_, '_> {
         .bind(delta.micros())
         .execute(&mut **self.tx)
         .await?;
-        let external = format!("refund:{charge_id}:{refunded}");
-        let reason = format!("Stripe refund of {session_id}: {refunded} of {amount} cents");
-        self.credit(&CreditRequest {
-            account_id,
-            kind: "adjustment",
-            to_allowance: Credits::ZERO,
-            to_purchased: -delta,
-            counted: Credits::ZERO,
-            entry_id: &external,
-            external_id: &external,
-            mark_ttl: MARK_TTL,
-            route: "",
-            action: "",
-            request_id: charge_id,
-            reason: &reason,
-            now_ms: ledger::now_ms(),
-        })
-        .await?;
+        let credit =
+            RecordedCredit::clawback(account_id, charge_id, &session_id, refunded, amount, delta);
+        self.credit(&credit.request(ledger::now_ms())).await?;
         tracing::info!(account = %account_id, charge = %charge_id, clawed_back = %delta, "refund clawed back");
         Ok(Outcome::Applied)
     }

@@ -24,6 +24,7 @@ mod ledger_gates;
 mod ledger_headers;
 mod ledger_metrics;
 mod ledger_quotas;
+mod ledger_reconcile;
 mod lifecycle;
 mod metrics;
 mod plan_limits;
