@@ -10,6 +10,7 @@ pub mod hydrate;
 pub mod keys;
 pub mod reconcile;
 pub mod unanswered;
+pub mod unanswered_store;
 
 use std::time::Duration;
 

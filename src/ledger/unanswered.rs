@@ -14,8 +14,9 @@
 //!    absent = it never ran; present = refund exactly what it took (a `refund` entry with
 //!    reason `unanswered_debit`, idempotent on the charge id).
 //!
-//! The list lives in this process: a proxy that dies with unresolved entries leaves them
-//! charged (its log names them). Bounded, so an outage cannot grow it without limit.
+//! The list is worked on in the process that noted it and kept in Postgres too
+//! (`unanswered_store`): a proxy that dies or shuts down with unresolved entries leaves them
+//! to another instance. Bounded, so an outage cannot grow it without limit.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -26,6 +27,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::holds::{SettleOutcome, SettleRequest};
+use super::unanswered_store as store;
 use super::{CreditOutcome, CreditRequest, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::money::Credits;
@@ -70,7 +72,13 @@ pub fn outcome_unknown(e: &LedgerError) -> bool {
 
 #[derive(Default)]
 pub struct UnansweredDebits {
-    queue: Mutex<VecDeque<Unanswered>>,
+    queue: Mutex<VecDeque<Tracked>>,
+}
+
+/// An entry of the list and whether Postgres has its row yet.
+struct Tracked {
+    u: Unanswered,
+    stored: bool,
 }
 
 enum Resolution {
@@ -89,7 +97,7 @@ impl UnansweredDebits {
             tracing::error!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "unanswered debit not tracked (list full); check it by hand");
             return false;
         }
-        q.push_back(u);
+        q.push_back(Tracked { u, stored: false });
         true
     }
 
@@ -101,21 +109,21 @@ impl UnansweredDebits {
         self.len() == 0
     }
 
-    fn take_all(&self) -> Vec<Unanswered> {
+    fn take_all(&self) -> Vec<Tracked> {
         self.queue
             .lock()
             .map(|mut q| q.drain(..).collect())
             .unwrap_or_default()
     }
 
-    fn put_back(&self, items: Vec<Unanswered>) {
+    fn put_back(&self, items: Vec<Tracked>) {
         if let Ok(mut q) = self.queue.lock() {
             q.extend(items);
         }
     }
 }
 
-/// Resolves noted debits until `stop` (one round a second).
+/// Resolves noted debits until `stop` (one round a second), and those other instances left.
 pub async fn run(
     list: &UnansweredDebits,
     ledger: &Ledger,
@@ -127,45 +135,103 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
-                for u in list.take_all() {
-                    tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "shutting down with an unanswered debit unresolved; it may have charged without serving");
-                }
+                release(list, pg).await;
                 return;
             }
             _ = tokio::time::sleep(ROUND_EVERY) => {}
         }
+        let mut items = list.take_all();
+        keep_durable(pg, &mut items).await;
         let mut later = Vec::new();
-        for u in list.take_all() {
-            if u.noted.elapsed() > GIVE_UP_AFTER {
+        let mut done = Vec::new();
+        for t in items {
+            let u = &t.u;
+            let outcome = if u.noted.elapsed() > GIVE_UP_AFTER {
                 tracing::error!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "gave up resolving an unanswered debit");
-                metrics
-                    .unanswered_debits
-                    .with_label_values(&["gave_up"])
-                    .inc();
-                continue;
-            }
-            match resolve(ledger, &mut conn, pg, &u).await {
-                Ok(Resolution::Voided) => {
-                    tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "a debit whose reply was lost had run; refunded");
-                    metrics
-                        .unanswered_debits
-                        .with_label_values(&["voided"])
-                        .inc();
+                "gave_up"
+            } else {
+                match resolve(ledger, &mut conn, pg, u).await {
+                    Ok(Resolution::Voided) => {
+                        tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "a debit whose reply was lost had run; refunded");
+                        "voided"
+                    }
+                    Ok(Resolution::NotRun) => "not_run",
+                    Ok(Resolution::Later) => {
+                        later.push(t);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, charge_id = %u.charge_id, "unanswered debit: not resolvable yet");
+                        later.push(t);
+                        continue;
+                    }
                 }
-                Ok(Resolution::NotRun) => {
-                    metrics
-                        .unanswered_debits
-                        .with_label_values(&["not_run"])
-                        .inc();
-                }
-                Ok(Resolution::Later) => later.push(u),
-                Err(e) => {
-                    tracing::debug!(error = %e, charge_id = %u.charge_id, "unanswered debit: not resolvable yet");
-                    later.push(u);
-                }
+            };
+            metrics
+                .unanswered_debits
+                .with_label_values(&[outcome])
+                .inc();
+            if t.stored {
+                done.push(t.u.charge_id);
             }
         }
         list.put_back(later);
+        // A row left behind by a failure here is taken over and found resolved (idempotent).
+        if let Err(e) = store::forget(pg, &done).await {
+            tracing::debug!(error = %e, "unanswered debits: resolved rows not removed yet");
+        }
+    }
+}
+
+/// Stores new entries, renews the claim on the held ones and takes over the rows other
+/// instances left (dead, or shut down). Postgres being down only delays this.
+async fn keep_durable(pg: &PgPool, items: &mut Vec<Tracked>) {
+    let saved = {
+        let fresh: Vec<&Unanswered> = items.iter().filter(|t| !t.stored).map(|t| &t.u).collect();
+        let held: Vec<&str> = items
+            .iter()
+            .filter(|t| t.stored)
+            .map(|t| t.u.charge_id.as_str())
+            .collect();
+        store::save(pg, &fresh, &held).await
+    };
+    match saved {
+        Ok(()) => items.iter_mut().for_each(|t| t.stored = true),
+        Err(e) => tracing::debug!(error = %e, "unanswered debits not stored yet"),
+    }
+    let adopted = {
+        let mine: Vec<&str> = items.iter().map(|t| t.u.charge_id.as_str()).collect();
+        store::adopt(pg, &mine).await
+    };
+    match adopted {
+        Ok(rows) => {
+            for u in rows {
+                tracing::info!(account = %u.account_id, charge_id = %u.charge_id, "taking over an unanswered debit another instance left");
+                items.push(Tracked { u, stored: true });
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "unanswered debits of other instances not read"),
+    }
+}
+
+/// At shutdown: what is unresolved goes to Postgres with its claim lapsed, for another
+/// instance to resolve at once.
+async fn release(list: &UnansweredDebits, pg: &PgPool) {
+    let items = list.take_all();
+    if items.is_empty() {
+        return;
+    }
+    let refs: Vec<&Unanswered> = items.iter().map(|t| &t.u).collect();
+    match store::release(pg, &refs).await {
+        Ok(()) => tracing::info!(
+            count = items.len(),
+            "shutting down: unresolved unanswered debits left to the other instances"
+        ),
+        Err(e) => {
+            for u in &refs {
+                tracing::warn!(error = %e, account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "shutting down with an unanswered debit unresolved and not stored; it may have charged without serving");
+            }
+        }
     }
 }
 

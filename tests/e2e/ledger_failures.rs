@@ -456,3 +456,89 @@ async fn lost_debit_replies_are_voided_once_the_journal_shows_them() {
     let sum: i64 = rows.iter().map(|r| r.2).sum();
     assert_eq!(sum, -2_000_000, "{rows:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let gate = RedisGate::start(env.redis_url()).await;
+    let base = env
+        .config()
+        .toml(outage_config(&up.url()))
+        .toml("[journal]\nclaim_idle_seconds = 1\n");
+    let mut a = base
+        .clone()
+        .redis_url(gate.url())
+        .redis("timeout_ms = 300")
+        .spawn()
+        .await;
+    let (account, key) = a.account_with_key("basic").await;
+    get_ok(&a, &key, "/v1/metered").await;
+
+    // A's debit runs, its reply never comes back: 503, noted, stored in Postgres within a
+    // second. A cannot resolve it (Redis stays mute to it) and is killed.
+    gate.set(GateMode::MuteReplies);
+    assert_fails_closed(&a, &key, &up).await;
+    let pg = env.pg().await;
+    let stored = poll_until(Duration::from_secs(5), || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM unanswered_debits WHERE account_id = $1")
+                .bind(&account)
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+        n == 1
+    })
+    .await;
+    assert!(stored, "the unanswered debit was not stored:\n{}", a.logs());
+    a.kill();
+
+    // B (straight to Redis) takes the row over once A's claim has lapsed, sees the debit in
+    // the journal and refunds it: the balance is back to 99, the row is gone.
+    let b = base.spawn().await;
+    assert_eq!(
+        total(&b, &account).await,
+        "98",
+        "the lost debit had charged"
+    );
+    // A's claim lapses at most 10 s after its last renewal.
+    let voided = poll_until(Duration::from_secs(30), || async {
+        metric(
+            &b,
+            "tollgate_unanswered_debits_total",
+            &[("outcome", "voided")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert!(voided, "not voided by B:\n{}", b.logs());
+    wait_total(&b, &account, "99").await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let refunds = || async {
+        sqlx::query_as::<_, (Option<String>, i64)>(
+            "SELECT reason, d_allowance + d_purchased FROM ledger_entries
+              WHERE account_id = $1 AND kind = 'refund'",
+        )
+        .bind(&account)
+        .fetch_all(&pg)
+        .await
+        .unwrap()
+    };
+    let flushed = poll_until(Duration::from_secs(10), || async {
+        !refunds().await.is_empty()
+    })
+    .await;
+    assert!(flushed, "no refund entry");
+    assert_eq!(
+        refunds().await,
+        vec![(Some("unanswered_debit".to_string()), 1_000_000)]
+    );
+    assert!(b
+        .logs()
+        .contains("taking over an unanswered debit another instance left"));
+}
