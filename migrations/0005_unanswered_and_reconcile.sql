@@ -22,3 +22,7 @@ CREATE INDEX IF NOT EXISTS unanswered_debits_claimed_idx ON unanswered_debits (c
 CREATE INDEX IF NOT EXISTS purchases_created_idx ON purchases (created_at);
 CREATE INDEX IF NOT EXISTS purchase_refunds_created_idx ON purchase_refunds (created_at);
 CREATE INDEX IF NOT EXISTS grants_created_idx ON grants (created_at);
+
+-- The charge's amount as the refund event stated it (the clawback's journal reason quotes it);
+-- NULL on rows from before this column (the session's amount stands in).
+ALTER TABLE purchase_refunds ADD COLUMN IF NOT EXISTS charge_amount_cents BIGINT;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::AdminError;
 use super::extract::JsonBody;
-use crate::ledger::reconcile::RecordedCredit;
+use crate::ledger::reconcile::{RecordedCredit, CREATED_MS};
 use crate::ledger::{self, CreditOutcome};
 use crate::money::Credits;
 use crate::state::AppState;
@@ -65,24 +65,34 @@ pub async fn create(
         return Err(AdminError::NotFound(format!("no account {account_id:?}")));
     }
 
-    let inserted: Option<bool> = sqlx::query_scalar(
+    // The record's time dates the journal entry (the same whoever applies it: `reconcile`).
+    let inserted: Option<i64> = sqlx::query_scalar(&format!(
         "INSERT INTO grants (account_id, idempotency_key, credits, reason) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING applied",
-    )
+         ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING {CREATED_MS}"
+    ))
     .bind(&account_id)
     .bind(key)
     .bind(body.credits.micros())
     .bind(reason)
     .fetch_optional(&state.pg)
     .await?;
+    let mut credit = RecordedCredit::grant(
+        &account_id,
+        key,
+        body.credits,
+        reason,
+        inserted.unwrap_or_default(),
+    );
     if inserted.is_none() {
-        let (credits, applied): (i64, bool) = sqlx::query_as(
-            "SELECT credits, applied FROM grants WHERE account_id = $1 AND idempotency_key = $2",
-        )
-        .bind(&account_id)
-        .bind(key)
-        .fetch_one(&state.pg)
-        .await?;
+        let (credits, applied, stored_reason, recorded_ms): (i64, bool, String, i64) =
+            sqlx::query_as(&format!(
+                "SELECT credits, applied, reason, {CREATED_MS} FROM grants
+                  WHERE account_id = $1 AND idempotency_key = $2"
+            ))
+            .bind(&account_id)
+            .bind(key)
+            .fetch_one(&state.pg)
+            .await?;
         if credits != body.credits.micros() {
             return Err(AdminError::Conflict(format!(
                 "idempotency_key {key:?} was already used for a grant of {} credits",
@@ -98,16 +108,13 @@ pub async fn create(
                 Json(grant_json(&account_id, &body, key, true, live)),
             ));
         }
-        // Recorded but not applied (a crash in between): apply now; the Redis mark makes
-        // this safe if the first attempt did reach Redis.
+        // Recorded but not applied (a crash in between): apply now, as recorded; the Redis
+        // mark makes this safe if the first attempt did reach Redis.
+        credit = RecordedCredit::grant(&account_id, key, body.credits, &stored_reason, recorded_ms);
     }
 
-    let credit = RecordedCredit::grant(&account_id, key, body.credits, reason);
     let mut conn = state.redis.clone();
-    let outcome = state
-        .ledger
-        .credit(&mut conn, &credit.request(ledger::now_ms()))
-        .await?;
+    let outcome = state.ledger.credit(&mut conn, &credit.request()).await?;
     if outcome == CreditOutcome::Missing {
         return Err(AdminError::Unavailable(
             "account vanished from Redis during the grant".into(),

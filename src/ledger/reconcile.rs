@@ -7,11 +7,15 @@
 //! mark and its entry together (a script's effects replicate as one unit). The customer paid
 //! and the row says so, but the balance and the journal do not.
 //!
-//! Every `journal.reconcile_after_seconds`, credits recorded at least that long ago (and less
-//! than [`WINDOW`] ago) whose entry is not in the journal are applied again with the same
-//! idempotency key. Where Redis still holds the mark (the entry is only waiting in the stream)
-//! that is a no-op; where the mark is gone, the credit was lost and is applied now. The window
-//! is shorter than every mark's lifetime, so an expired mark is never taken for a lost credit.
+//! Every `journal.reconcile_after_seconds`, every instance looks for credits recorded at least
+//! that long ago (and less than [`WINDOW`] ago) whose entry is not in the journal and applies
+//! them again with the same idempotency key. Where Redis still holds the mark (the entry is
+//! only waiting in the stream) that is a no-op; where the mark is gone, the credit was lost and
+//! is applied now. Concurrent passes are safe (the script checks the mark atomically). The
+//! window is shorter than every mark's lifetime, so an expired mark is never taken for a lost
+//! credit. Both applications date their entry by the record's `created_at`, so the journal's
+//! key `(entry_id, created_at)` stores one row even when a flusher still held the lost original
+//! and writes it late.
 
 use std::fmt;
 use std::sync::Arc;
@@ -32,9 +36,6 @@ pub const WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const STRIPE_MARK_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Idempotency marks of admin grants.
 pub const GRANT_MARK_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Postgres advisory lock key: one process reconciles at a time (the marks make concurrent
-/// runs safe; the lock only saves the work).
-const LOCK_KEY: i64 = 0x746f_6c6c_7263_6e63; // "tollrcnc"
 
 /// A credit as Postgres recorded it: everything the credit script needs to apply it, built the
 /// same way by the handler that applied it first and by the reconciler.
@@ -49,11 +50,19 @@ pub struct RecordedCredit {
     pub request_id: String,
     pub reason: String,
     pub mark_ttl: Duration,
+    /// When Postgres recorded it (unix ms): the journal entry's date, whoever applies it.
+    pub at_ms: i64,
 }
 
 impl RecordedCredit {
     /// A credit pack bought through Stripe Checkout.
-    pub fn purchase(account_id: &str, session_id: &str, pack_id: &str, total: Credits) -> Self {
+    pub fn purchase(
+        account_id: &str,
+        session_id: &str,
+        pack_id: &str,
+        total: Credits,
+        at_ms: i64,
+    ) -> Self {
         RecordedCredit {
             account_id: account_id.to_string(),
             kind: "purchase",
@@ -62,6 +71,7 @@ impl RecordedCredit {
             request_id: session_id.to_string(),
             reason: format!("credit pack {pack_id} (Stripe {session_id})"),
             mark_ttl: STRIPE_MARK_TTL,
+            at_ms,
         }
     }
 
@@ -73,6 +83,7 @@ impl RecordedCredit {
         refunded_cents: i64,
         amount_cents: i64,
         clawed_back: Credits,
+        at_ms: i64,
     ) -> Self {
         RecordedCredit {
             account_id: account_id.to_string(),
@@ -84,11 +95,18 @@ impl RecordedCredit {
                 "Stripe refund of {session_id}: {refunded_cents} of {amount_cents} cents"
             ),
             mark_ttl: STRIPE_MARK_TTL,
+            at_ms,
         }
     }
 
     /// An admin grant (`POST /v1/accounts/{id}/grants`).
-    pub fn grant(account_id: &str, idempotency_key: &str, credits: Credits, reason: &str) -> Self {
+    pub fn grant(
+        account_id: &str,
+        idempotency_key: &str,
+        credits: Credits,
+        reason: &str,
+        at_ms: i64,
+    ) -> Self {
         RecordedCredit {
             account_id: account_id.to_string(),
             kind: "grant",
@@ -97,11 +115,12 @@ impl RecordedCredit {
             request_id: String::new(),
             reason: reason.to_string(),
             mark_ttl: GRANT_MARK_TTL,
+            at_ms,
         }
     }
 
     /// The credit script's request (the entry id is the idempotency key).
-    pub fn request(&self, now_ms: i64) -> CreditRequest<'_> {
+    pub fn request(&self) -> CreditRequest<'_> {
         CreditRequest {
             account_id: &self.account_id,
             kind: self.kind,
@@ -115,10 +134,13 @@ impl RecordedCredit {
             action: "",
             request_id: &self.request_id,
             reason: &self.reason,
-            now_ms,
+            now_ms: self.at_ms,
         }
     }
 }
+
+/// `created_at` as unix milliseconds, the date of the credit's journal entry.
+pub const CREATED_MS: &str = "(extract(epoch FROM created_at) * 1000)::BIGINT";
 
 /// Recorded credits between `WINDOW` and `older_than` ago without their journal entry.
 pub async fn missing_from_journal(
@@ -126,25 +148,25 @@ pub async fn missing_from_journal(
     older_than: Duration,
 ) -> Result<Vec<RecordedCredit>, sqlx::Error> {
     let secs = |d: Duration| d.as_secs_f64();
-    // The entry is dated by Redis's clock when the credit ran, right after the row was
-    // written: a day's margin keeps the lookup within a few partitions.
-    let purchases: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT p.account_id, p.session_id, p.pack_id, p.credits + p.bonus_credits
+    // The entry carries the record's `created_at`: the lookup hits one partition.
+    let purchases: Vec<(String, String, String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT p.account_id, p.session_id, p.pack_id, p.credits + p.bonus_credits, {CREATED_MS}
            FROM purchases p
           WHERE p.created_at < now() - make_interval(secs => $1)
             AND p.created_at > now() - make_interval(secs => $2)
             AND NOT EXISTS (SELECT 1 FROM ledger_entries e
                              WHERE e.entry_id = 'purchase:' || p.session_id
                                AND e.created_at > p.created_at - interval '1 day')
-          ORDER BY p.created_at",
-    )
+          ORDER BY p.created_at"
+    ))
     .bind(secs(older_than))
     .bind(secs(WINDOW))
     .fetch_all(pg)
     .await?;
-    let clawbacks: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT p.account_id, r.charge_id, r.session_id, r.amount_refunded, p.amount_cents,
-                r.clawed_back
+    let clawbacks: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT p.account_id, r.charge_id, r.session_id, r.amount_refunded,
+                COALESCE(r.charge_amount_cents, p.amount_cents), r.clawed_back,
+                (extract(epoch FROM r.created_at) * 1000)::BIGINT
            FROM purchase_refunds r JOIN purchases p ON p.session_id = r.session_id
           WHERE r.clawed_back > 0
             AND r.created_at < now() - make_interval(secs => $1)
@@ -159,8 +181,8 @@ pub async fn missing_from_journal(
     .fetch_all(pg)
     .await?;
     // Only grants the API confirmed (`applied`): one answered with an error is not owed.
-    let grants: Vec<(String, String, i64, String)> = sqlx::query_as(
-        "SELECT g.account_id, g.idempotency_key, g.credits, g.reason
+    let grants: Vec<(String, String, i64, String, i64)> = sqlx::query_as(&format!(
+        "SELECT g.account_id, g.idempotency_key, g.credits, g.reason, {CREATED_MS}
            FROM grants g
           WHERE g.applied
             AND g.created_at < now() - make_interval(secs => $1)
@@ -168,21 +190,21 @@ pub async fn missing_from_journal(
             AND NOT EXISTS (SELECT 1 FROM ledger_entries e
                              WHERE e.entry_id = 'grant:' || g.account_id || ':' || g.idempotency_key
                                AND e.created_at > g.created_at - interval '1 day')
-          ORDER BY g.created_at",
-    )
+          ORDER BY g.created_at"
+    ))
     .bind(secs(older_than))
     .bind(secs(WINDOW))
     .fetch_all(pg)
     .await?;
 
     let mut out = Vec::with_capacity(purchases.len() + clawbacks.len() + grants.len());
-    out.extend(purchases.into_iter().map(|(a, s, pack, total)| {
-        RecordedCredit::purchase(&a, &s, &pack, Credits::from_micros(total))
+    out.extend(purchases.into_iter().map(|(a, s, pack, total, at)| {
+        RecordedCredit::purchase(&a, &s, &pack, Credits::from_micros(total), at)
     }));
     out.extend(
         clawbacks
             .into_iter()
-            .map(|(a, charge, session, refunded, amount, clawed)| {
+            .map(|(a, charge, session, refunded, amount, clawed, at)| {
                 RecordedCredit::clawback(
                     &a,
                     &charge,
@@ -190,11 +212,12 @@ pub async fn missing_from_journal(
                     refunded,
                     amount,
                     Credits::from_micros(clawed),
+                    at,
                 )
             }),
     );
-    out.extend(grants.into_iter().map(|(a, key, credits, reason)| {
-        RecordedCredit::grant(&a, &key, Credits::from_micros(credits), &reason)
+    out.extend(grants.into_iter().map(|(a, key, credits, reason, at)| {
+        RecordedCredit::grant(&a, &key, Credits::from_micros(credits), &reason, at)
     }));
     Ok(out)
 }
@@ -208,6 +231,8 @@ pub struct Report {
     pub in_redis: usize,
     /// Lost by Redis and applied again (with `dry_run`: would be).
     pub reapplied: Vec<RecordedCredit>,
+    /// Credits that could not be checked this time: `(entry id, error)`.
+    pub failed: Vec<(String, String)>,
     pub dry_run: bool,
 }
 
@@ -225,18 +250,23 @@ impl fmt::Display for Report {
                 c.kind, c.entry_id, c.account_id, c.to_purchased, c.reason
             )?;
         }
+        for (entry, error) in &self.failed {
+            writeln!(f, "could not check {entry}: {error}")?;
+        }
         writeln!(
             f,
-            "reconcile: {} recorded credits without a journal entry, {} still in Redis, {} {verb}",
+            "reconcile: {} recorded credits without a journal entry, {} still in Redis, {} {verb}, {} failed",
             self.checked,
             self.in_redis,
-            self.reapplied.len()
+            self.reapplied.len(),
+            self.failed.len()
         )
     }
 }
 
 /// One pass: every recorded credit missing from the journal is applied again unless Redis
 /// still holds its mark. An account Redis lost altogether is loaded from the journal first.
+/// A credit that cannot be checked is reported and the pass goes on.
 pub async fn run_once(
     ledger: &Ledger,
     conn: &mut RedisConn,
@@ -253,16 +283,17 @@ pub async fn run_once(
     };
     for credit in missing {
         let applied = if dry_run {
-            !ledger
+            ledger
                 .credit_mark_exists(conn, &credit.account_id, &credit.entry_id)
-                .await?
+                .await
+                .map(|exists| !exists)
         } else {
-            apply(ledger, conn, pg, config, &credit).await?
+            apply(ledger, conn, pg, config, &credit).await
         };
-        if applied {
-            report.reapplied.push(credit);
-        } else {
-            report.in_redis += 1;
+        match applied {
+            Ok(true) => report.reapplied.push(credit),
+            Ok(false) => report.in_redis += 1,
+            Err(e) => report.failed.push((credit.entry_id, e.to_string())),
         }
     }
     Ok(report)
@@ -277,10 +308,7 @@ async fn apply(
     credit: &RecordedCredit,
 ) -> Result<bool, LedgerError> {
     for _ in 0..2 {
-        match ledger
-            .credit(conn, &credit.request(super::now_ms()))
-            .await?
-        {
+        match ledger.credit(conn, &credit.request()).await? {
             CreditOutcome::Applied { .. } => return Ok(true),
             CreditOutcome::Duplicate { .. } => return Ok(false),
             // Redis lost the whole account: load it from the journal, then credit it.
@@ -296,7 +324,7 @@ async fn apply(
 }
 
 /// The background task of `serve`: a pass every `every` (checking credits recorded at least
-/// that long ago), under the advisory lock; `config` gives the tiers to load an account with.
+/// that long ago); `config` gives the tiers to load an account with.
 pub async fn run(
     ledger: &Ledger,
     mut conn: RedisConn,
@@ -311,49 +339,29 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match locked_pass(ledger, &mut conn, pg, &config(), every).await {
-            Ok(Some(report)) => {
-                for c in &report.reapplied {
-                    metrics.credits_reapplied.with_label_values(&[c.kind]).inc();
-                    tracing::warn!(
-                        account = %c.account_id, entry = %c.entry_id, kind = c.kind,
-                        credits = %c.to_purchased,
-                        "credit lost by Redis (failover?) applied again"
-                    );
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                metrics
-                    .credits_reapplied
-                    .with_label_values(&["error"])
-                    .inc();
-                tracing::warn!(error = %e, "credit reconciliation failed; retrying next round");
-            }
+        let report = match run_once(ledger, &mut conn, pg, &config(), every, false).await {
+            Ok(report) => report,
+            Err(e) => Report {
+                failed: vec![(String::new(), e.to_string())],
+                ..Report::default()
+            },
+        };
+        for c in &report.reapplied {
+            metrics.credits_reapplied.with_label_values(&[c.kind]).inc();
+            tracing::warn!(
+                account = %c.account_id, entry = %c.entry_id, kind = c.kind,
+                credits = %c.to_purchased,
+                "credit lost by Redis (failover?) applied again"
+            );
+        }
+        for (entry, error) in &report.failed {
+            metrics
+                .credits_reapplied
+                .with_label_values(&["error"])
+                .inc();
+            tracing::warn!(entry = %entry, error = %error, "credit reconciliation failed; retrying next round");
         }
     }
-}
-
-/// One pass while holding the lock; `None` when another process holds it. The lock is a
-/// transaction's, so it goes with the transaction however the pass ends.
-async fn locked_pass(
-    ledger: &Ledger,
-    conn: &mut RedisConn,
-    pg: &PgPool,
-    config: &Config,
-    older_than: Duration,
-) -> Result<Option<Report>, LedgerError> {
-    let mut lock = pg.begin().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(LOCK_KEY)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !got {
-        return Ok(None);
-    }
-    let report = run_once(ledger, conn, pg, config, older_than, false).await?;
-    lock.commit().await?;
-    Ok(Some(report))
 }
 
 #[cfg(test)]
@@ -362,17 +370,25 @@ mod tests {
 
     #[test]
     fn recorded_credits_keep_the_entry_ids_of_their_first_application() {
-        let p = RecordedCredit::purchase("acct_1", "cs_1", "starter", Credits::from_micros(5));
+        let p = RecordedCredit::purchase("acct_1", "cs_1", "starter", Credits::from_micros(5), 9);
         assert_eq!(p.entry_id, "purchase:cs_1");
-        assert_eq!(p.request(0).external_id, "purchase:cs_1");
-        let r =
-            RecordedCredit::clawback("acct_1", "ch_1", "cs_1", 250, 1000, Credits::from_micros(7));
+        assert_eq!(p.request().external_id, "purchase:cs_1");
+        assert_eq!(p.request().now_ms, 9, "dated by the record");
+        let r = RecordedCredit::clawback(
+            "acct_1",
+            "ch_1",
+            "cs_1",
+            250,
+            1000,
+            Credits::from_micros(7),
+            9,
+        );
         assert_eq!(r.entry_id, "refund:ch_1:250");
         assert_eq!(r.to_purchased, Credits::from_micros(-7));
         assert_eq!(r.kind, "adjustment");
-        let g = RecordedCredit::grant("acct_1", "k1", Credits::from_micros(3), "welcome");
+        let g = RecordedCredit::grant("acct_1", "k1", Credits::from_micros(3), "welcome", 9);
         assert_eq!(g.entry_id, "grant:acct_1:k1");
-        assert_eq!(g.request(0).reason, "welcome");
+        assert_eq!(g.request().reason, "welcome");
     }
 
     #[test]

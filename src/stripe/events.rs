@@ -20,7 +20,7 @@ use super::catalog::{self, Interval};
 use super::webhook::{at, bool_at, i64_at, id_at, str_at, Event};
 use crate::config::Config;
 use crate::ledger::billing::{RenewOutcome, Renewal};
-use crate::ledger::reconcile::RecordedCredit;
+use crate::ledger::reconcile::{RecordedCredit, CREATED_MS};
 use crate::ledger::{self, CreditOutcome, CreditRequest, LedgerError};
 use crate::money::{mul_div_ceil, Credits};
 use crate::state::AppState;
@@ -405,11 +405,12 @@ impl Cx<'_, '_> {
         let amount = i64_at(s, &["amount_total"])
             .unwrap_or_else(|| i64::try_from(pack.price_cents).unwrap_or(i64::MAX));
         let currency = str_at(s, &["currency"]).unwrap_or(&pack.currency);
-        let inserted = sqlx::query(
+        let inserted: Option<i64> = sqlx::query_scalar(&format!(
             "INSERT INTO purchases (session_id, account_id, pack_id, credits, bonus_credits,
                  amount_cents, currency, payment_intent_id, event_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (session_id) DO NOTHING",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (session_id) DO NOTHING
+             RETURNING {CREATED_MS}"
+        ))
         .bind(session_id)
         .bind(account_id)
         .bind(&pack.id)
@@ -419,16 +420,20 @@ impl Cx<'_, '_> {
         .bind(currency)
         .bind(id_at(s, &["payment_intent"]))
         .bind(&self.event.id)
-        .execute(&mut **self.tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        .fetch_optional(&mut **self.tx)
+        .await?;
+        let Some(recorded_ms) = inserted else {
             return Ok(Outcome::AlreadyApplied);
-        }
+        };
         self.remember_customer(account_id).await?;
-        let credit =
-            RecordedCredit::purchase(account_id, session_id, &pack.id, catalog::pack_total(&pack));
-        self.credit(&credit.request(ledger::now_ms())).await?;
+        let credit = RecordedCredit::purchase(
+            account_id,
+            session_id,
+            &pack.id,
+            catalog::pack_total(&pack),
+            recorded_ms,
+        );
+        self.credit(&credit.request()).await?;
         tracing::info!(account = %account_id, pack = %pack.id, session = %session_id, "credit pack purchased");
         Ok(Outcome::Applied)
     }
@@ -939,20 +944,22 @@ impl Cx<'_, '_> {
         if amount <= 0 || refunded <= 0 {
             return Ok(ignored("nothing refunded"));
         }
-        let inserted = sqlx::query(
-            "INSERT INTO purchase_refunds (charge_id, amount_refunded, session_id, clawed_back, event_id)
-             VALUES ($1, $2, $3, 0, $4) ON CONFLICT DO NOTHING",
-        )
+        let inserted: Option<i64> = sqlx::query_scalar(&format!(
+            "INSERT INTO purchase_refunds
+                 (charge_id, amount_refunded, session_id, clawed_back, event_id, charge_amount_cents)
+             VALUES ($1, $2, $3, 0, $4, $5) ON CONFLICT DO NOTHING
+             RETURNING {CREATED_MS}"
+        ))
         .bind(charge_id)
         .bind(refunded)
         .bind(&session_id)
         .bind(&self.event.id)
-        .execute(&mut **self.tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        .bind(amount)
+        .fetch_optional(&mut **self.tx)
+        .await?;
+        let Some(recorded_ms) = inserted else {
             return Ok(Outcome::AlreadyApplied);
-        }
+        };
         let total = Credits::from_micros(credits) + Credits::from_micros(bonus);
         let target = mul_div_ceil(total, refunded as u64, amount as u64)
             .ok_or_else(|| HandlerError::Other("refund amount out of range".into()))?;
@@ -979,9 +986,16 @@ impl Cx<'_, '_> {
         .bind(delta.micros())
         .execute(&mut **self.tx)
         .await?;
-        let credit =
-            RecordedCredit::clawback(account_id, charge_id, &session_id, refunded, amount, delta);
-        self.credit(&credit.request(ledger::now_ms())).await?;
+        let credit = RecordedCredit::clawback(
+            account_id,
+            charge_id,
+            &session_id,
+            refunded,
+            amount,
+            delta,
+            recorded_ms,
+        );
+        self.credit(&credit.request()).await?;
         tracing::info!(account = %account_id, charge = %charge_id, clawed_back = %delta, "refund clawed back");
         Ok(Outcome::Applied)
     }

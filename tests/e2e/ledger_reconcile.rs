@@ -18,10 +18,12 @@ use crate::journal_util::{
     ledger_cmd, metric, rows_with_id, xadd,
 };
 use crate::ledger_util::grant;
-use crate::stripe_util::{deliver_ok, event, id, now, pack_session, stripe_config};
+use crate::stripe_util::{charge, deliver_ok, event, id, now, pack_session, stripe_config};
 use crate::upstream::FakeUpstream;
 
 const C: i64 = 1_000_000;
+/// 10 monthly + a pack of 110 + grants of 5 and 7 − a quarter of the pack clawed back (27.5).
+const TOTAL: i64 = (10 + 110 + 5 + 7) * C - 27_500_000;
 
 /// The idempotency mark of a credit: `{<prefix>:s<N>}:seen:<entry id>`.
 fn mark_key(env: &TestEnv, account: &str, entry_id: &str) -> String {
@@ -42,7 +44,31 @@ async fn entry_deltas(pg: &sqlx::PgPool, entry_id: &str) -> (i64, i64) {
 /// What a failover does to a credit whose stream entry was not flushed yet: Redis loses the
 /// credit and its mark, and the journal never gets the row.
 async fn lose_credit(env: &TestEnv, pg: &sqlx::PgPool, account: &str, entry_id: &str) {
-    let (d_allowance, d_purchased) = entry_deltas(pg, entry_id).await;
+    let deltas = entry_deltas(pg, entry_id).await;
+    rewind(env, account, entry_id, deltas).await;
+    delete_row(pg, entry_id).await;
+}
+
+/// The same loss, while a flusher had already read the entry: it writes the original late
+/// (here: the entry goes back into the stream for the next flusher).
+async fn lose_credit_held_by_a_flusher(
+    env: &TestEnv,
+    pg: &sqlx::PgPool,
+    account: &str,
+    entry_id: &str,
+) {
+    let deltas = entry_deltas(pg, entry_id).await;
+    unflush(env, pg, account, entry_id).await;
+    rewind(env, account, entry_id, deltas).await;
+}
+
+/// Takes a credit and its mark out of Redis, atomically.
+async fn rewind(
+    env: &TestEnv,
+    account: &str,
+    entry_id: &str,
+    (d_allowance, d_purchased): (i64, i64),
+) {
     let mut redis = env.redis().await;
     let hash = account_hash(env, account);
     let _: () = redis::pipe()
@@ -63,7 +89,6 @@ async fn lose_credit(env: &TestEnv, pg: &sqlx::PgPool, account: &str, entry_id: 
         .query_async(&mut redis)
         .await
         .expect("rewinding Redis");
-    delete_row(pg, entry_id).await;
 }
 
 async fn delete_row(pg: &sqlx::PgPool, entry_id: &str) {
@@ -117,28 +142,32 @@ fn config(env: &TestEnv, stripe: &FakeStripe, up: &FakeUpstream, seconds: u64) -
 }
 
 /// An account on tier `free` (10 monthly credits) with a credit pack bought through Stripe
-/// (110 credits) and two grants (5 and 7); every entry journaled. Returns the account and the
-/// entry ids of the purchase and the grants.
-async fn paid_account(app: &App, env: &TestEnv) -> (String, [String; 3]) {
+/// (110 credits, a quarter of it refunded: 27.5 clawed back) and two grants (5 and 7); every
+/// entry journaled. Returns the account and the entry ids of the purchase, the grants and the
+/// clawback.
+async fn paid_account(app: &App, env: &TestEnv) -> (String, [String; 4]) {
     let account = id("acct");
     app.create_account(&account, "free").await;
-    let session = id("cs_test");
+    let (session, pi, ch) = (id("cs_test"), id("pi"), id("ch"));
     let completed = event(
         "checkout.session.completed",
-        pack_session(&account, "pack_100", &session, &id("pi")),
+        pack_session(&account, "pack_100", &session, &pi),
         now(),
     );
     deliver_ok(app, &completed, "applied").await;
+    let refunded = event("charge.refunded", charge(&ch, &pi, 1000, 250), now());
+    deliver_ok(app, &refunded, "applied").await;
     for (key, credits) in [("k1", 5), ("k2", 7)] {
         let (status, body) = grant(app, &account, json!(credits), key).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
     assert_caught_up(env, Some(app), Duration::from_secs(15)).await;
-    assert_eq!(balance(app, &account).await.2, (10 + 110 + 5 + 7) * C);
+    assert_eq!(balance(app, &account).await.2, TOTAL);
     let ids = [
         format!("purchase:{session}"),
         format!("grant:{account}:k1"),
         format!("grant:{account}:k2"),
+        format!("refund:{ch}:250"),
     ];
     (account, ids)
 }
@@ -152,18 +181,22 @@ async fn credits_redis_lost_are_found_in_postgres_and_applied_once() {
     let cfg = config(&env, &stripe, &up, 3600);
     let mut app = cfg.spawn().await;
     let pg = env.pg().await;
-    let (account, [purchase, k1, k2]) = paid_account(&app, &env).await;
+    let (account, [purchase, k1, k2, clawback]) = paid_account(&app, &env).await;
 
-    // The process stops; Redis loses the purchase and the first grant; the second grant is
+    // The process stops; Redis loses the first grant and the clawback; the second grant is
     // kept but its entry is still waiting in the stream.
     app.kill();
-    lose_credit(&env, &pg, &account, &purchase).await;
-    lose_credit(&env, &pg, &account, &k1).await;
+    for lost in [&k1, &clawback] {
+        lose_credit(&env, &pg, &account, lost).await;
+    }
     unflush(&env, &pg, &account, &k2).await;
 
     // The ledger agrees with itself: only the Postgres records show what was paid for.
     let audit = ledger_cmd(&env, &cfg, "audit", &["--account", &account]).await;
     assert!(audit.success(), "{audit}");
+
+    // Redis loses the purchase too, whose entry a flusher had read and will write late.
+    lose_credit_held_by_a_flusher(&env, &pg, &account, &purchase).await;
 
     let args = ["--older-than-seconds", "0"];
     let dry = ledger_cmd(
@@ -187,10 +220,16 @@ async fn credits_redis_lost_are_found_in_postgres_and_applied_once() {
         )),
         "{out}"
     );
+    assert!(
+        out.contains(&format!(
+            "would re-apply adjustment {clawback} to {account}: -27.5 credits"
+        )),
+        "{out}"
+    );
     assert!(!out.contains(&k2), "{out}");
     assert!(
         out.contains(
-            "3 recorded credits without a journal entry, 1 still in Redis, 2 would re-apply"
+            "4 recorded credits without a journal entry, 1 still in Redis, 3 would re-apply, 0 failed"
         ),
         "{out}"
     );
@@ -206,16 +245,19 @@ async fn credits_redis_lost_are_found_in_postgres_and_applied_once() {
     let run = ledger_cmd(&env, &cfg, "reconcile", &args).await;
     assert!(run.success(), "{run}");
     assert!(
-        run.stdout.contains("1 still in Redis, 2 re-applied"),
+        run.stdout
+            .contains("1 still in Redis, 3 re-applied, 0 failed"),
         "{}",
         run.stdout
     );
 
-    // Back up: the flusher writes the waiting grant and the two re-applied credits, once each.
+    // Back up: the flusher writes the waiting grant, the late original of the purchase and the
+    // three re-applied credits; the purchase's two entries carry the same date, so it is
+    // stored once.
     let app = cfg.spawn().await;
     assert_caught_up(&env, Some(&app), Duration::from_secs(15)).await;
-    assert_eq!(balance(&app, &account).await.2, (10 + 110 + 5 + 7) * C);
-    for entry in [&purchase, &k1, &k2] {
+    assert_eq!(balance(&app, &account).await.2, TOTAL);
+    for entry in [&purchase, &k1, &k2, &clawback] {
         assert_eq!(rows_with_id(&pg, entry).await, 1, "{entry}");
     }
     assert_balance_is_journal_sum(&app, &pg, &account).await;
@@ -231,7 +273,7 @@ async fn credits_redis_lost_are_found_in_postgres_and_applied_once() {
         "{}",
         again.stdout
     );
-    assert_eq!(balance(&app, &account).await.2, (10 + 110 + 5 + 7) * C);
+    assert_eq!(balance(&app, &account).await.2, TOTAL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,19 +284,21 @@ async fn serve_reapplies_a_lost_credit_by_itself_even_when_redis_lost_the_accoun
     let cfg = config(&env, &stripe, &up, 1);
     let app = cfg.spawn().await;
     let pg = env.pg().await;
-    let (account, [purchase, k1, _]) = paid_account(&app, &env).await;
+    let (account, [purchase, k1, _, _]) = paid_account(&app, &env).await;
 
-    // Redis loses the grant's credit and then the whole account with the purchase in it
-    // (the account is loaded again from the journal, which never got the purchase).
-    lose_credit(&env, &pg, &account, &k1).await;
+    // Redis loses the whole account, with the purchase and a grant whose entries had not
+    // reached the journal (it is loaded again from the journal, which never got them). The
+    // rows go first: a pass in between finds the marks and does nothing.
+    delete_row(&pg, &purchase).await;
+    delete_row(&pg, &k1).await;
     let mut redis = env.redis().await;
     let _: () = redis::cmd("DEL")
         .arg(account_hash(&env, &account))
         .arg(mark_key(&env, &account, &purchase))
+        .arg(mark_key(&env, &account, &k1))
         .query_async(&mut redis)
         .await
         .expect("DEL");
-    delete_row(&pg, &purchase).await;
 
     let restored = poll_until(Duration::from_secs(15), || async {
         metric(
@@ -275,7 +319,7 @@ async fn serve_reapplies_a_lost_credit_by_itself_even_when_redis_lost_the_accoun
     .await;
     assert!(restored, "not re-applied:\n{}", app.logs());
     assert_caught_up(&env, Some(&app), Duration::from_secs(15)).await;
-    assert_eq!(balance(&app, &account).await.2, (10 + 110 + 5 + 7) * C);
+    assert_eq!(balance(&app, &account).await.2, TOTAL);
     for entry in [&purchase, &k1] {
         assert_eq!(rows_with_id(&pg, entry).await, 1, "{entry}");
     }
@@ -285,14 +329,9 @@ async fn serve_reapplies_a_lost_credit_by_itself_even_when_redis_lost_the_accoun
         .contains("credit lost by Redis (failover?) applied again"));
     // Later passes find nothing: no second application.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        metric(
-            &app,
-            "tollgate_credits_reapplied_total",
-            &[("kind", "grant")]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(balance(&app, &account).await.2, (10 + 110 + 5 + 7) * C);
+    for kind in ["grant", "purchase"] {
+        let n = metric(&app, "tollgate_credits_reapplied_total", &[("kind", kind)]).await;
+        assert_eq!(n, 1.0, "{kind}");
+    }
+    assert_eq!(balance(&app, &account).await.2, TOTAL);
 }
