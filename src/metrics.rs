@@ -56,6 +56,9 @@ pub struct Metrics {
     /// Recorded credits (purchase, adjustment, grant) Redis had lost and that were applied
     /// again; `error` counts failed reconciliation passes.
     pub credits_reapplied: IntCounterVec,
+    /// Outgoing alert webhooks: delivered, retry (a failed attempt to be retried), failed
+    /// (given up after `alerts.max_attempts`).
+    pub alert_deliveries: IntCounterVec,
 }
 
 fn counter(
@@ -171,6 +174,12 @@ impl Metrics {
                 "tollgate_credits_reapplied_total",
                 "Recorded credits Redis had lost, applied again, by kind (error: failed passes)",
                 &["kind"],
+            )?,
+            alert_deliveries: counter(
+                &r,
+                "tollgate_alert_deliveries_total",
+                "Outgoing alert webhook attempts by outcome (delivered, retry, failed)",
+                &["outcome"],
             )?,
             journal_flushed,
             journal_batch_seconds,

@@ -1004,8 +1004,12 @@ impl ProxyHttp for Gateway {
                     .saturating_sub(upstream_wait.unwrap_or_default())
                     .as_secs_f64(),
             );
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // A forwarded request the upstream itself answered 5xx is told apart, so upstream
+        // failures show on every route (tollgate's own 502/504 carry their error code).
         let outcome = match (e, ctx.outcome) {
             (Some(_), "forwarded") => "client_error",
+            (None, "forwarded") if status >= 500 => "upstream_5xx",
             (_, outcome) => outcome,
         };
         self.state
@@ -1013,7 +1017,6 @@ impl ProxyHttp for Gateway {
             .requests
             .with_label_values(&[route, outcome])
             .inc();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let _in_span = ctx.span.enter();
         tracing::debug!(
             request_id = %ctx.request_id,

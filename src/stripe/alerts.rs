@@ -214,16 +214,28 @@ async fn deliver_due(state: &AppState, cfg: &AlertsConfig, client: &reqwest::Cli
     });
     for (id, attempts, result) in futures_util::future::join_all(sends).await {
         let update = match &result {
-            Ok(()) => sqlx::query(
+            Ok(()) => {
+                state
+                    .metrics
+                    .alert_deliveries
+                    .with_label_values(&["delivered"])
+                    .inc();
+                sqlx::query(
                 "UPDATE alert_outbox SET state = 'delivered', delivered_at = now(), attempts = $2,
                      locked_until = NULL, last_error = NULL WHERE id = $1",
             )
             .bind(id)
             .bind(attempts)
             .execute(&state.pg)
-            .await,
+            .await
+            }
             Err(error) => {
                 let gave_up = attempts >= i32::try_from(cfg.max_attempts).unwrap_or(i32::MAX);
+                state
+                    .metrics
+                    .alert_deliveries
+                    .with_label_values(&[if gave_up { "failed" } else { "retry" }])
+                    .inc();
                 if gave_up {
                     tracing::error!(alert = id, attempts, %error, "alerts: giving up on an alert");
                 } else {

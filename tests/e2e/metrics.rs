@@ -42,6 +42,14 @@ async fn request_and_auth_failure_counters() {
     assert_eq!(resp.status(), 401);
     let resp = c.get(app.proxy_url("/elsewhere")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+    // The upstream's own 503, passed through.
+    let resp = c
+        .get(app.proxy_url("/v1/status/503"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
 
     let resp = c.get(app.metrics_url()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -49,11 +57,16 @@ async fn request_and_auth_failure_counters() {
     assert!(content_type.starts_with("text/plain"), "{content_type}");
 
     // Counters are updated when a request is logged, just after its response: poll briefly.
-    let want: [Expected; 6] = [
+    let want: [Expected; 7] = [
         (
             "tollgate_requests_total",
             &[("route", "all"), ("outcome", "forwarded")],
             3.0,
+        ),
+        (
+            "tollgate_requests_total",
+            &[("route", "all"), ("outcome", "upstream_5xx")],
+            1.0,
         ),
         (
             "tollgate_requests_total",

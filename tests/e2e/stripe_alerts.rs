@@ -158,5 +158,17 @@ async fn crossing_thresholds_posts_signed_alerts_once_with_retries() {
     assert_eq!(states.len(), 3);
     assert!(states.iter().all(|(s, _)| s == "delivered"), "{states:?}");
     assert_eq!(states.iter().map(|(_, a)| a).sum::<i32>(), 4);
+    let text = app.metrics_text().await;
+    for (outcome, n) in [("delivered", 3.0), ("retry", 1.0)] {
+        assert_eq!(
+            crate::harness::metric_value(
+                &text,
+                "tollgate_alert_deliveries_total",
+                &[("outcome", outcome)]
+            ),
+            Some(n),
+            "{outcome}"
+        );
+    }
     server.abort();
 }
