@@ -1,8 +1,8 @@
 -- Debits whose reply was lost (a Redis node died after running the script, a dropped
 -- connection, a timeout), kept in Postgres as well as in the process that noted them, so that
 -- another instance resolves them when that process dies first (src/ledger/unanswered.rs).
--- `claimed_until`: the instance working on the row keeps pushing it forward; once it lies in
--- the past, any instance may take the row over (resolution is idempotent).
+-- `claimed_until`: the instance working on the row (`owner`) keeps pushing it forward; once it
+-- lies in the past, any instance may take the row over (resolution is idempotent).
 CREATE TABLE IF NOT EXISTS unanswered_debits (
     charge_id     TEXT PRIMARY KEY,
     account_id    TEXT NOT NULL,
@@ -13,7 +13,9 @@ CREATE TABLE IF NOT EXISTS unanswered_debits (
     deadline_ms   BIGINT NOT NULL,
     hold          BOOLEAN NOT NULL,
     noted_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
-    claimed_until TIMESTAMPTZ NOT NULL
+    claimed_until TIMESTAMPTZ NOT NULL,
+    -- the process working on the row (random per process); a claim is renewed only by it
+    owner         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS unanswered_debits_claimed_idx ON unanswered_debits (claimed_until);
 

@@ -124,7 +124,7 @@ impl Metrics {
             "Journal entries waiting in Redis streams (flush lag)",
         )?;
         r.register(Box::new(journal_backlog.clone()))?;
-        Ok(Metrics {
+        let m = Metrics {
             journal_errors: counter(
                 &r,
                 "tollgate_journal_flush_errors_total",
@@ -247,7 +247,18 @@ impl Metrics {
             hydrations,
             in_flight,
             registry: r,
-        })
+        };
+        // Rare events exist at 0 from the start, so `increase()` sees their first occurrence.
+        for outcome in ["voided", "not_run", "gave_up"] {
+            m.unanswered_debits.with_label_values(&[outcome]);
+        }
+        for kind in ["purchase", "adjustment", "grant", "error"] {
+            m.credits_reapplied.with_label_values(&[kind]);
+        }
+        for outcome in ["delivered", "retry", "failed"] {
+            m.alert_deliveries.with_label_values(&[outcome]);
+        }
+        Ok(m)
     }
 
     /// The text exposition format.

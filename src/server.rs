@@ -218,7 +218,9 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     // Debits whose reply was lost are refunded once the journal shows they ran.
     let unanswered_state = Arc::clone(&state);
     background.spawn({
-        let stop = stop.clone();
+        // Stopped with the flusher, after the in-flight requests: a debit noted while they
+        // drain is still stored for another instance.
+        let stop = journal_stop.clone();
         async move {
             let s = &unanswered_state;
             crate::ledger::unanswered::run(

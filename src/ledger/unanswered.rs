@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::money::Credits;
 use crate::redis_conn::RedisConn;
 
-/// Entries kept at most; past it new ones are logged and counted as `gave_up`.
+/// Entries kept at most; past it new ones are only logged (error level, with the charge id).
 const CAPACITY: usize = 100_000;
 /// Skew allowed between the proxy's view of Redis's clock and the node that ran the script.
 const CLOCK_MARGIN_MS: i64 = 1_000;
@@ -70,9 +70,19 @@ pub fn outcome_unknown(e: &LedgerError) -> bool {
     }
 }
 
-#[derive(Default)]
 pub struct UnansweredDebits {
     queue: Mutex<VecDeque<Tracked>>,
+    /// This process's name on the rows it works on.
+    owner: String,
+}
+
+impl Default for UnansweredDebits {
+    fn default() -> Self {
+        UnansweredDebits {
+            queue: Mutex::default(),
+            owner: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
 }
 
 /// An entry of the list and whether Postgres has its row yet.
@@ -84,6 +94,8 @@ struct Tracked {
 enum Resolution {
     Voided,
     NotRun,
+    /// Already given back (by an earlier resolution of the same charge): nothing to do.
+    Even,
     Later,
 }
 
@@ -141,21 +153,22 @@ pub async fn run(
             _ = tokio::time::sleep(ROUND_EVERY) => {}
         }
         let mut items = list.take_all();
-        keep_durable(pg, &mut items).await;
+        keep_durable(pg, &list.owner, &mut items).await;
         let mut later = Vec::new();
         let mut done = Vec::new();
         for t in items {
             let u = &t.u;
             let outcome = if u.noted.elapsed() > GIVE_UP_AFTER {
                 tracing::error!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "gave up resolving an unanswered debit");
-                "gave_up"
+                Some("gave_up")
             } else {
                 match resolve(ledger, &mut conn, pg, u).await {
                     Ok(Resolution::Voided) => {
                         tracing::warn!(account = %u.account_id, charge_id = %u.charge_id, request_id = %u.request_id, "a debit whose reply was lost had run; refunded");
-                        "voided"
+                        Some("voided")
                     }
-                    Ok(Resolution::NotRun) => "not_run",
+                    Ok(Resolution::NotRun) => Some("not_run"),
+                    Ok(Resolution::Even) => None,
                     Ok(Resolution::Later) => {
                         later.push(t);
                         continue;
@@ -167,10 +180,12 @@ pub async fn run(
                     }
                 }
             };
-            metrics
-                .unanswered_debits
-                .with_label_values(&[outcome])
-                .inc();
+            if let Some(outcome) = outcome {
+                metrics
+                    .unanswered_debits
+                    .with_label_values(&[outcome])
+                    .inc();
+            }
             if t.stored {
                 done.push(t.u.charge_id);
             }
@@ -183,9 +198,10 @@ pub async fn run(
     }
 }
 
-/// Stores new entries, renews the claim on the held ones and takes over the rows other
-/// instances left (dead, or shut down). Postgres being down only delays this.
-async fn keep_durable(pg: &PgPool, items: &mut Vec<Tracked>) {
+/// Stores new entries, renews the claim on the held ones (dropping those another instance
+/// has taken over meanwhile) and takes over the rows other instances left (dead, or shut
+/// down). Postgres being down only delays this.
+async fn keep_durable(pg: &PgPool, owner: &str, items: &mut Vec<Tracked>) {
     let saved = {
         let fresh: Vec<&Unanswered> = items.iter().filter(|t| !t.stored).map(|t| &t.u).collect();
         let held: Vec<&str> = items
@@ -193,19 +209,21 @@ async fn keep_durable(pg: &PgPool, items: &mut Vec<Tracked>) {
             .filter(|t| t.stored)
             .map(|t| t.u.charge_id.as_str())
             .collect();
-        store::save(pg, &fresh, &held).await
+        store::save(pg, owner, &fresh, &held).await
     };
     match saved {
-        Ok(()) => items.iter_mut().for_each(|t| t.stored = true),
+        Ok(lost) => {
+            items.retain(|t| !(t.stored && lost.contains(&t.u.charge_id)));
+            items.iter_mut().for_each(|t| t.stored = true);
+        }
         Err(e) => tracing::debug!(error = %e, "unanswered debits not stored yet"),
     }
-    let adopted = {
-        let mine: Vec<&str> = items.iter().map(|t| t.u.charge_id.as_str()).collect();
-        store::adopt(pg, &mine).await
-    };
-    match adopted {
+    match store::adopt(pg, owner).await {
         Ok(rows) => {
             for u in rows {
+                if items.iter().any(|t| t.u.charge_id == u.charge_id) {
+                    continue;
+                }
                 tracing::info!(account = %u.account_id, charge_id = %u.charge_id, "taking over an unanswered debit another instance left");
                 items.push(Tracked { u, stored: true });
             }
@@ -214,15 +232,15 @@ async fn keep_durable(pg: &PgPool, items: &mut Vec<Tracked>) {
     }
 }
 
-/// At shutdown: what is unresolved goes to Postgres with its claim lapsed, for another
-/// instance to resolve at once.
+/// At shutdown (once the in-flight requests are done): what is unresolved goes to Postgres
+/// with its claim lapsed, for another instance to resolve at once.
 async fn release(list: &UnansweredDebits, pg: &PgPool) {
     let items = list.take_all();
     if items.is_empty() {
         return;
     }
     let refs: Vec<&Unanswered> = items.iter().map(|t| &t.u).collect();
-    match store::release(pg, &refs).await {
+    match store::release(pg, &list.owner, &refs).await {
         Ok(()) => tracing::info!(
             count = items.len(),
             "shutting down: unresolved unanswered debits left to the other instances"
@@ -301,16 +319,30 @@ async fn resolve(
     if oldest_ms.is_some_and(|ms| ms <= cutoff) {
         return Ok(Resolution::Later);
     }
-    let entry_id = format!("{}:debit", u.charge_id);
-    let row: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT amount, d_allowance, d_purchased FROM ledger_entries WHERE entry_id = $1 LIMIT 1",
+    // 4. The journal decides. What the charge's entries took in all (the debit, a settle, an
+    //    earlier void) is given back, so resolving a charge again (another instance took it
+    //    over, a row was not removed) gives back nothing more.
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT entry_id, amount, d_allowance, d_purchased FROM ledger_entries
+          WHERE entry_id LIKE $1",
     )
-    .bind(&entry_id)
-    .fetch_optional(pg)
+    .bind(format!("{}:%", u.charge_id))
+    .fetch_all(pg)
     .await?;
-    let Some((amount, d_allowance, d_purchased)) = row else {
+    if !rows.iter().any(|r| r.0.ends_with(":debit")) {
         return Ok(Resolution::NotRun);
-    };
+    }
+    if u.hold && !rows.iter().any(|r| r.0.ends_with(":settle")) {
+        // The hold is gone from Redis (settled at zero by an earlier resolution, or at its
+        // reserve by the sweeper): its settle entry decides, once it is in the journal.
+        return Ok(Resolution::Later);
+    }
+    let (amount, d_allowance, d_purchased) = rows
+        .iter()
+        .fold((0, 0, 0), |acc, r| (acc.0 + r.1, acc.1 + r.2, acc.2 + r.3));
+    if d_allowance + d_purchased >= 0 {
+        return Ok(Resolution::Even);
+    }
     let void_id = format!("{}:void", u.charge_id);
     let external_id = format!("void:{}", u.charge_id);
     let outcome = ledger

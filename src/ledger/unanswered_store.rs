@@ -16,20 +16,26 @@ use super::unanswered::Unanswered;
 /// How far ahead a claim reaches; another instance takes a row over once it has lapsed.
 pub const CLAIM: Duration = Duration::from_secs(10);
 
-/// Writes the entries not stored yet and pushes the claim of every held one forward.
-pub async fn save(pg: &PgPool, fresh: &[&Unanswered], held: &[&str]) -> Result<(), sqlx::Error> {
+/// Writes the entries not stored yet and pushes the claim of every held one forward; returns
+/// the held ones whose row this process no longer owns (taken over, or gone).
+pub async fn save(
+    pg: &PgPool,
+    owner: &str,
+    fresh: &[&Unanswered],
+    held: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
     let claim = CLAIM.as_secs_f64();
     if !fresh.is_empty() {
         let col = |f: fn(&Unanswered) -> String| fresh.iter().map(|u| f(u)).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO unanswered_debits
                  (charge_id, account_id, request_id, route, action, deadline_ms, hold, noted_at,
-                  claimed_until)
+                  claimed_until, owner)
              SELECT c, a, r, ro, ac, d, h, now() - make_interval(secs => age),
-                    now() + make_interval(secs => $9)
+                    now() + make_interval(secs => $9), $10
                FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                            $6::bigint[], $7::bool[], $8::float8[]) AS t(c, a, r, ro, ac, d, h, age)
-             ON CONFLICT (charge_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until",
+             ON CONFLICT (charge_id) DO NOTHING",
         )
         .bind(col(|u| u.charge_id.clone()))
         .bind(col(|u| u.account_id.clone()))
@@ -45,24 +51,32 @@ pub async fn save(pg: &PgPool, fresh: &[&Unanswered], held: &[&str]) -> Result<(
                 .collect::<Vec<_>>(),
         )
         .bind(claim)
+        .bind(owner)
         .execute(pg)
         .await?;
     }
-    if !held.is_empty() {
-        sqlx::query(
-            "UPDATE unanswered_debits SET claimed_until = now() + make_interval(secs => $2)
-              WHERE charge_id = ANY($1)",
-        )
-        .bind(held)
-        .bind(claim)
-        .execute(pg)
-        .await?;
+    if held.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let renewed: Vec<String> = sqlx::query_scalar(
+        "UPDATE unanswered_debits SET claimed_until = now() + make_interval(secs => $2)
+          WHERE charge_id = ANY($1) AND owner = $3
+          RETURNING charge_id",
+    )
+    .bind(held)
+    .bind(claim)
+    .bind(owner)
+    .fetch_all(pg)
+    .await?;
+    Ok(held
+        .iter()
+        .filter(|id| !renewed.iter().any(|r| r == *id))
+        .map(|id| id.to_string())
+        .collect())
 }
 
-/// Takes over the rows whose claim has lapsed (except `mine`), claiming them for this process.
-pub async fn adopt(pg: &PgPool, mine: &[&str]) -> Result<Vec<Unanswered>, sqlx::Error> {
+/// Takes over the rows whose claim has lapsed, claiming them for `owner`.
+pub async fn adopt(pg: &PgPool, owner: &str) -> Result<Vec<Unanswered>, sqlx::Error> {
     type Row = (
         String,
         String,
@@ -74,14 +88,14 @@ pub async fn adopt(pg: &PgPool, mine: &[&str]) -> Result<Vec<Unanswered>, sqlx::
         DateTime<Utc>,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "UPDATE unanswered_debits SET claimed_until = now() + make_interval(secs => $2)
+        "UPDATE unanswered_debits SET claimed_until = now() + make_interval(secs => $2), owner = $1
           WHERE charge_id IN (
                 SELECT charge_id FROM unanswered_debits
-                 WHERE claimed_until < now() AND NOT charge_id = ANY($1)
+                 WHERE claimed_until < now()
                  ORDER BY claimed_until LIMIT 1000 FOR UPDATE SKIP LOCKED)
           RETURNING charge_id, account_id, request_id, route, action, deadline_ms, hold, noted_at",
     )
-    .bind(mine)
+    .bind(owner)
     .bind(CLAIM.as_secs_f64())
     .fetch_all(pg)
     .await?;
@@ -122,12 +136,15 @@ pub async fn forget(pg: &PgPool, charge_ids: &[String]) -> Result<(), sqlx::Erro
 
 /// At shutdown: stores what is still unresolved with its claim lapsed, so another instance
 /// takes it over at once.
-pub async fn release(pg: &PgPool, items: &[&Unanswered]) -> Result<(), sqlx::Error> {
-    save(pg, items, &[]).await?;
+pub async fn release(pg: &PgPool, owner: &str, items: &[&Unanswered]) -> Result<(), sqlx::Error> {
+    save(pg, owner, items, &[]).await?;
     let ids: Vec<&str> = items.iter().map(|u| u.charge_id.as_str()).collect();
-    sqlx::query("UPDATE unanswered_debits SET claimed_until = now() WHERE charge_id = ANY($1)")
-        .bind(ids)
-        .execute(pg)
-        .await?;
+    sqlx::query(
+        "UPDATE unanswered_debits SET claimed_until = now() WHERE charge_id = ANY($1) AND owner = $2",
+    )
+    .bind(ids)
+    .bind(owner)
+    .execute(pg)
+    .await?;
     Ok(())
 }

@@ -1008,8 +1008,8 @@ impl ProxyHttp for Gateway {
         // A forwarded request the upstream itself answered 5xx is told apart, so upstream
         // failures show on every route (tollgate's own 502/504 carry their error code).
         let outcome = match (e, ctx.outcome) {
+            (_, "forwarded") if status >= 500 => "upstream_5xx",
             (Some(_), "forwarded") => "client_error",
-            (None, "forwarded") if status >= 500 => "upstream_5xx",
             (_, outcome) => outcome,
         };
         self.state

@@ -514,11 +514,16 @@ async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
     .await;
     assert!(voided, "not voided by B:\n{}", b.logs());
     wait_total(&b, &account, "99").await;
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
-        .fetch_one(&pg)
-        .await
-        .unwrap();
-    assert_eq!(left, 0);
+    // The row goes once the refund is made (just after the metric).
+    let gone = poll_until(Duration::from_secs(5), || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        left == 0
+    })
+    .await;
+    assert!(gone, "the resolved row is still there");
     let refunds = || async {
         sqlx::query_as::<_, (Option<String>, i64)>(
             "SELECT reason, d_allowance + d_purchased FROM ledger_entries
@@ -541,4 +546,111 @@ async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
     assert!(b
         .logs()
         .contains("taking over an unanswered debit another instance left"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_hold_resolved_twice_is_given_back_once() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let gate = RedisGate::start(env.redis_url()).await;
+    let app = env
+        .config()
+        .redis_url(gate.url())
+        .redis("timeout_ms = 300")
+        .toml(outage_config(&up.url()).replace(
+            "[[routes]]\nname = \"metered\"",
+            "[[routes]]\nname = \"timed\"\npath_prefix = \"/v1/timed\"\nupstream = \"up\"\n\
+                 pricing = { per_minute = 6, tick_seconds = 60 }\n\n[[routes]]\nname = \"metered\"",
+        ))
+        .spawn()
+        .await;
+    let (account, key) = app.account_with_key("basic").await;
+
+    // A held request whose reply is lost: resolved by settling the hold at zero.
+    gate.set(GateMode::MuteReplies);
+    let r = call_with(
+        &crate::harness::http_client_no_pool(),
+        &app,
+        &key,
+        Method::GET,
+        "/v1/timed",
+    )
+    .await;
+    r.assert_error(503, "metering_unavailable");
+    gate.set(GateMode::Up);
+    let voided = poll_until(Duration::from_secs(15), || async {
+        metric(
+            &app,
+            "tollgate_unanswered_debits_total",
+            &[("outcome", "voided")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert!(voided, "not resolved:\n{}", app.logs());
+    wait_total(&app, &account, "100").await;
+
+    // The same charge comes back (a row that was not removed, taken over later): its entries
+    // already even out, so nothing more is given back.
+    let pg = env.pg().await;
+    let entries = || async {
+        sqlx::query_as::<_, (String, Option<String>, i64)>(
+            "SELECT entry_id, reason, d_allowance + d_purchased FROM ledger_entries
+              WHERE account_id = $1 AND kind <> 'reset' ORDER BY created_at, entry_id",
+        )
+        .bind(&account)
+        .fetch_all(&pg)
+        .await
+        .unwrap()
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            entries().await.len() == 2
+        })
+        .await,
+        "{:?}",
+        entries().await
+    );
+    let first = entries().await;
+    let charge = first[0]
+        .0
+        .strip_suffix(":debit")
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .to_string();
+    sqlx::query(
+        "INSERT INTO unanswered_debits (charge_id, account_id, request_id, route, action,
+             deadline_ms, hold, claimed_until, owner)
+         VALUES ($1, $2, 'r', 'timed', '', 1, true, now() - interval '1 second', 'gone')",
+    )
+    .bind(&charge)
+    .bind(&account)
+    .execute(&pg)
+    .await
+    .unwrap();
+    let taken = poll_until(Duration::from_secs(10), || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        left == 0
+    })
+    .await;
+    assert!(taken, "the row was not taken over:\n{}", app.logs());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(total(&app, &account).await, "100");
+    let e = entries().await;
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert_eq!(e[1].0, format!("{charge}:settle"));
+    assert_eq!(e[1].1.as_deref(), Some("unanswered_debit"));
+    assert_eq!(e[0].2 + e[1].2, 0, "{e:?}");
+    assert_eq!(
+        metric(
+            &app,
+            "tollgate_unanswered_debits_total",
+            &[("outcome", "voided")]
+        )
+        .await,
+        1.0
+    );
 }
