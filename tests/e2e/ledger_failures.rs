@@ -457,6 +457,33 @@ async fn lost_debit_replies_are_voided_once_the_journal_shows_them() {
     assert_eq!(sum, -2_000_000, "{rows:?}");
 }
 
+/// Waits until `app` has voided an unanswered debit, or panics with its log.
+async fn wait_voided(app: &crate::harness::App, timeout: Duration) {
+    let voided = poll_until(timeout, || async {
+        metric(
+            app,
+            "tollgate_unanswered_debits_total",
+            &[("outcome", "voided")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert!(voided, "no unanswered debit voided:\n{}", app.logs());
+}
+
+/// Whether `unanswered_debits` becomes empty within `timeout`.
+async fn no_unanswered_rows(pg: &sqlx::PgPool, timeout: Duration) -> bool {
+    poll_until(timeout, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
+            .fetch_one(pg)
+            .await
+            .unwrap();
+        left == 0
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
     let env = TestEnv::new().await;
@@ -502,28 +529,13 @@ async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
         "the lost debit had charged"
     );
     // A's claim lapses at most 10 s after its last renewal.
-    let voided = poll_until(Duration::from_secs(30), || async {
-        metric(
-            &b,
-            "tollgate_unanswered_debits_total",
-            &[("outcome", "voided")],
-        )
-        .await
-            >= 1.0
-    })
-    .await;
-    assert!(voided, "not voided by B:\n{}", b.logs());
+    wait_voided(&b, Duration::from_secs(30)).await;
     wait_total(&b, &account, "99").await;
     // The row goes once the refund is made (just after the metric).
-    let gone = poll_until(Duration::from_secs(5), || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
-            .fetch_one(&pg)
-            .await
-            .unwrap();
-        left == 0
-    })
-    .await;
-    assert!(gone, "the resolved row is still there");
+    assert!(
+        no_unanswered_rows(&pg, Duration::from_secs(5)).await,
+        "the resolved row is still there"
+    );
     let refunds = || async {
         sqlx::query_as::<_, (Option<String>, i64)>(
             "SELECT reason, d_allowance + d_purchased FROM ledger_entries
@@ -578,17 +590,7 @@ async fn an_unanswered_hold_resolved_twice_is_given_back_once() {
     .await;
     r.assert_error(503, "metering_unavailable");
     gate.set(GateMode::Up);
-    let voided = poll_until(Duration::from_secs(15), || async {
-        metric(
-            &app,
-            "tollgate_unanswered_debits_total",
-            &[("outcome", "voided")],
-        )
-        .await
-            >= 1.0
-    })
-    .await;
-    assert!(voided, "not resolved:\n{}", app.logs());
+    wait_voided(&app, Duration::from_secs(15)).await;
     wait_total(&app, &account, "100").await;
 
     // The same charge comes back (a row that was not removed, taken over later): its entries
@@ -628,14 +630,7 @@ async fn an_unanswered_hold_resolved_twice_is_given_back_once() {
     .execute(&pg)
     .await
     .unwrap();
-    let taken = poll_until(Duration::from_secs(10), || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM unanswered_debits")
-            .fetch_one(&pg)
-            .await
-            .unwrap();
-        left == 0
-    })
-    .await;
+    let taken = no_unanswered_rows(&pg, Duration::from_secs(10)).await;
     assert!(taken, "the row was not taken over:\n{}", app.logs());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(total(&app, &account).await, "100");
