@@ -816,36 +816,42 @@ impl RedisCluster {
         }
     }
 
+    /// Node `i`'s `CLUSTER NODES`, once its `CLUSTER INFO` says the cluster is ok with every
+    /// slot assigned and served (and shows the `extra` line too, when given).
+    async fn ok_view_of(&self, i: usize, extra: Option<&str>) -> Result<String, String> {
+        let mut conn = node_connection(self.port(i))
+            .await
+            .map_err(|e| format!("node {i}: {e}"))?;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("node {i}: CLUSTER INFO: {e}"))?;
+        let wanted = [
+            "cluster_state:ok",
+            "cluster_slots_assigned:16384",
+            "cluster_slots_ok:16384",
+        ];
+        for want in wanted.into_iter().chain(extra) {
+            if !info.lines().any(|l| l.trim() == want) {
+                return Err(format!("node {i}: no {want} in CLUSTER INFO"));
+            }
+        }
+        redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("node {i}: CLUSTER NODES: {e}"))
+    }
+
     async fn health(&self) -> Result<(), String> {
         let mut first_map: Option<Vec<Option<usize>>> = None;
         for i in 0..self.nodes.len() {
             if !self.is_running(i) {
                 return Err(format!("node {i} is not running"));
             }
-            let mut conn = node_connection(self.port(i))
-                .await
-                .map_err(|e| format!("node {i}: {e}"))?;
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| format!("node {i}: CLUSTER INFO: {e}"))?;
             let known = format!("cluster_known_nodes:{}", self.nodes.len());
-            for want in [
-                "cluster_state:ok",
-                "cluster_slots_assigned:16384",
-                "cluster_slots_ok:16384",
-                &known,
-            ] {
-                if !info.lines().any(|l| l.trim() == want) {
-                    return Err(format!("node {i}: no {want} in CLUSTER INFO"));
-                }
-            }
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| format!("node {i}: CLUSTER NODES: {e}"))?;
+            let nodes = self.ok_view_of(i, Some(&known)).await?;
             if let Some(line) = nodes.lines().find(|l| {
                 l.split_whitespace()
                     .nth(2)
@@ -940,28 +946,7 @@ impl RedisCluster {
         let dead_id = self.node_id(dead).to_string();
         let mut new_owner = None;
         for i in (0..self.nodes.len()).filter(|&i| self.is_running(i)) {
-            let mut conn = node_connection(self.port(i))
-                .await
-                .map_err(|e| format!("node {i}: {e}"))?;
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| format!("node {i}: CLUSTER INFO: {e}"))?;
-            for want in [
-                "cluster_state:ok",
-                "cluster_slots_assigned:16384",
-                "cluster_slots_ok:16384",
-            ] {
-                if !info.lines().any(|l| l.trim() == want) {
-                    return Err(format!("node {i}: no {want} in CLUSTER INFO"));
-                }
-            }
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| format!("node {i}: CLUSTER NODES: {e}"))?;
+            let nodes = self.ok_view_of(i, None).await?;
             let flagged = nodes.lines().any(|l| {
                 let mut fields = l.split_whitespace();
                 fields.next() == Some(dead_id.as_str())

@@ -363,6 +363,11 @@ max_concurrent = 2
     assert!(ok, "leases left after both requests ended");
 }
 
+/// `base` talking to Redis through `gate`, with a short timeout: a muted reply is a lost one.
+fn behind(base: crate::harness::ConfigBuilder, gate: &RedisGate) -> crate::harness::ConfigBuilder {
+    base.redis_url(gate.url()).redis("timeout_ms = 300")
+}
+
 /// A debit that ran while its reply was lost (the client got 503 and was not served) is
 /// refunded once the journal shows it ran; one that never reached Redis is left alone. Both
 /// are counted in `tollgate_unanswered_debits_total`; the balance ends exact.
@@ -371,10 +376,7 @@ async fn lost_debit_replies_are_voided_once_the_journal_shows_them() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let gate = RedisGate::start(env.redis_url()).await;
-    let app = env
-        .config()
-        .redis_url(gate.url())
-        .redis("timeout_ms = 300")
+    let app = behind(env.config(), &gate)
         .toml(outage_config(&up.url()))
         .spawn()
         .await;
@@ -493,12 +495,7 @@ async fn a_lost_debit_reply_left_by_a_dead_instance_is_voided_by_another() {
         .config()
         .toml(outage_config(&up.url()))
         .toml("[journal]\nclaim_idle_seconds = 1\n");
-    let mut a = base
-        .clone()
-        .redis_url(gate.url())
-        .redis("timeout_ms = 300")
-        .spawn()
-        .await;
+    let mut a = behind(base.clone(), &gate).spawn().await;
     let (account, key) = a.account_with_key("basic").await;
     get_ok(&a, &key, "/v1/metered").await;
 
@@ -565,10 +562,7 @@ async fn an_unanswered_hold_resolved_twice_is_given_back_once() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let gate = RedisGate::start(env.redis_url()).await;
-    let app = env
-        .config()
-        .redis_url(gate.url())
-        .redis("timeout_ms = 300")
+    let app = behind(env.config(), &gate)
         .toml(outage_config(&up.url()).replace(
             "[[routes]]\nname = \"metered\"",
             "[[routes]]\nname = \"timed\"\npath_prefix = \"/v1/timed\"\nupstream = \"up\"\n\
