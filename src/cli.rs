@@ -189,12 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Config::load(&config)?;
             runtime(2)?.block_on(async {
-                let pg = crate::server::connect_postgres(&cfg, false).await?;
-                let (_, mut redis) = crate::server::connect_redis_with_timeout(
-                    &cfg.redis,
-                    std::time::Duration::from_secs(30),
-                )
-                .await?;
+                let (pg, mut redis) = cli_stores(&cfg).await?;
                 let settings = crate::journal::partitions::MaintenanceSettings::from_config(&cfg);
                 let report = crate::journal::partitions::run_once(
                     &pg,
@@ -229,10 +224,7 @@ async fn reconcile_command(
     older_than_seconds: u64,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let pg = crate::server::connect_postgres(&cfg, false).await?;
-    let (_, mut redis) =
-        crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
-            .await?;
+    let (pg, mut redis) = cli_stores(&cfg).await?;
     let report = crate::ledger::reconcile::run_once(
         &cli_ledger(&cfg),
         &mut redis,
@@ -252,10 +244,7 @@ async fn ledger_command(
     rebuild: bool,
 ) -> anyhow::Result<ExitCode> {
     use crate::journal::audit::Auditor;
-    let pg = crate::server::connect_postgres(&cfg, false).await?;
-    let (_, redis) =
-        crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
-            .await?;
+    let (pg, redis) = cli_stores(&cfg).await?;
     let ledger = cli_ledger(&cfg);
     let mut auditor = Auditor::new(&ledger, &pg, redis);
     let accounts = auditor.accounts(account.as_deref()).await?;
@@ -310,6 +299,16 @@ async fn ledger_command(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Postgres (no migrations) and Redis for the maintenance commands, with a generous Redis
+/// timeout: they run beside live traffic.
+async fn cli_stores(cfg: &Config) -> anyhow::Result<(sqlx::PgPool, crate::redis_conn::RedisConn)> {
+    let pg = crate::server::connect_postgres(cfg, false).await?;
+    let (_, redis) =
+        crate::server::connect_redis_with_timeout(&cfg.redis, std::time::Duration::from_secs(30))
+            .await?;
+    Ok((pg, redis))
 }
 
 /// The ledger as the CLI's commands use it (a generous timeout: they run beside live traffic).
