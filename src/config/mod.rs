@@ -4,6 +4,7 @@
 //! starts. Credit amounts never pass through a float: TOML floats are replaced by their literal
 //! text before serde sees them, and [`Credits`] parses that text exactly.
 
+mod parse;
 pub mod raw;
 mod validate;
 
@@ -191,25 +192,40 @@ impl Config {
             message,
         };
         let exact = floats_as_literal_text(text).map_err(|e| parse_err(e.to_string()))?;
-        let de = toml::de::Deserializer::parse(&exact).map_err(|e| parse_err(e.to_string()))?;
-        let raw: raw::Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let message = inner.message().to_string();
-            let location = inner
-                .span()
-                .map(|s| format!(" (line {})", line_of(&exact, s.start)))
-                .unwrap_or_default();
-            if field == "." || field.is_empty() {
-                parse_err(format!("{message}{location}"))
-            } else {
-                parse_err(format!("{field}: {message}{location}"))
-            }
-        })?;
-        validate::validate(raw, path, env).map_err(|problems| ConfigError::Invalid {
+        let parsed = parse::parse(&exact).map_err(parse_err)?;
+        let lines = parse::Lines::new(&exact);
+        let invalid = |problems: Vec<String>| ConfigError::Invalid {
             path: display.clone(),
             problems,
-        })
+        };
+        let Some(raw) = parsed.raw else {
+            return Err(invalid(parsed.problems));
+        };
+        match validate::validate(raw, path, env) {
+            Ok(config) if parsed.problems.is_empty() => Ok(config),
+            Ok(_) => Err(invalid(parsed.problems)),
+            Err(problems) => {
+                // Reference problems after the type problems, each with its line. Those about
+                // an item the parser had to drop, or about the table it was dropped from (a route
+                // left without its bad `cost`), would only echo the report already made.
+                let mut all = parsed.problems;
+                for problem in problems {
+                    let field = problem.split(": ").next().unwrap_or_default();
+                    if parsed
+                        .removed
+                        .iter()
+                        .any(|r| is_under(field, r) || is_under(r, field))
+                    {
+                        continue;
+                    }
+                    match lines.line(&field_path(field)) {
+                        Some(line) => all.push(format!("{problem} (line {line})")),
+                        None => all.push(problem),
+                    }
+                }
+                Err(invalid(all))
+            }
+        }
     }
 
     /// Fails when a secret the file names is missing from the environment.
@@ -246,6 +262,36 @@ impl TierConfig {
     pub fn history_days(&self) -> Option<u32> {
         self.raw.history_days
     }
+}
+
+/// Whether `field` names `item` or something inside it.
+fn is_under(field: &str, item: &str) -> bool {
+    field
+        .strip_prefix(item)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// `routes[2].pricing.reserve` → its path segments (for line look-ups).
+fn field_path(field: &str) -> Vec<parse::Seg> {
+    let mut path = Vec::new();
+    for part in field.split('.') {
+        let (key, mut indices) = match part.find('[') {
+            Some(at) => (&part[..at], &part[at..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            path.push(parse::Seg::Key(key.to_string()));
+        }
+        while let Some(rest) = indices.strip_prefix('[') {
+            let Some(end) = rest.find(']') else { break };
+            match rest[..end].parse() {
+                Ok(i) => path.push(parse::Seg::Index(i)),
+                Err(_) => break,
+            }
+            indices = &rest[end + 1..];
+        }
+    }
+    path
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

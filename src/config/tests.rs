@@ -226,3 +226,124 @@ fn the_credit_reconciliation_interval_is_bounded() {
         "{e}"
     );
 }
+
+/// The line of `needle` in `text` (1-based), for asserting reported lines.
+fn line_containing(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in text"))
+}
+
+#[test]
+fn every_type_error_and_unknown_field_is_reported_in_one_run_with_its_line() {
+    let text = BASE
+        .replace("cost = 0.2", "cost = \"lots\"")
+        .replace("upstream = \"agent\"", "upstream = \"agnet\"\ncots = 1")
+        .replace(
+            "monthly_credits = 20",
+            "monthly_credits = 20\nrequests_per_huor = 5",
+        )
+        .replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = 8081");
+    let err = errors(&text);
+    let expect = [
+        ("routes[0].cost:", "cost = \"lots\""),
+        ("routes[0].cots:", "cots = 1"),
+        ("tiers.free.requests_per_huor:", "requests_per_huor"),
+        ("server.admin_listen:", "admin_listen = 8081"),
+    ];
+    for (field, line_text) in expect {
+        let line = line_containing(&text, line_text);
+        let wanted = format!("(line {line})");
+        assert!(
+            err.lines()
+                .any(|l| l.contains(field) && l.contains(&wanted)),
+            "no {field} at {wanted} in:\n{err}"
+        );
+    }
+    // The removed bad values leave required fields missing: not reported twice.
+    assert!(!err.contains("missing field"), "{err}");
+    // Then the references of what could be repaired: the upstream typo is not hidden.
+    let upstream = line_containing(&text, "upstream = \"agnet\"");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("routes[0].upstream") && last.contains(&format!("(line {upstream})")),
+        "{err}"
+    );
+}
+
+#[test]
+fn reference_errors_follow_type_errors_each_with_its_line() {
+    let text = BASE
+        .replace("upstream = \"agent\"", "upstream = \"agnet\"")
+        .replace(
+            "monthly_credits = 20",
+            "monthly_credits = 20\nmax_keys = -1",
+        );
+    let err = errors(&text);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    let keys = line_containing(&text, "max_keys");
+    assert!(
+        lines[0].contains("tiers.free.max_keys") && lines[0].contains(&format!("(line {keys})")),
+        "{err}"
+    );
+    let upstream = line_containing(&text, "upstream = \"agnet\"");
+    assert!(
+        lines[1].contains("routes[0].upstream") && lines[1].contains(&format!("(line {upstream})")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_element_of_an_array_of_tables_keeps_later_indices_right() {
+    let text = format!(
+        "{BASE}\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"agent\"\ncost = []\n\n[[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstream = \"agent\"\ncost = 1\ncolor = \"red\"\n"
+    );
+    let err = errors(&text);
+    assert!(err.contains("routes[1].cost:"), "{err}");
+    let color = line_containing(&text, "color");
+    assert!(
+        err.contains(&format!("routes[2].color: unknown field `color`"))
+            && err.contains(&format!("(line {color})")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_required_field_is_reported_and_the_rest_still_checked() {
+    let text = BASE
+        .replace("monthly_credits = 20\n", "")
+        .replace("cost = 0.2", "cost = true");
+    let err = errors(&text);
+    assert!(
+        err.contains("tiers.free: missing field `monthly_credits`"),
+        "{err}"
+    );
+    assert!(err.contains("routes[0].cost:"), "{err}");
+}
+
+#[test]
+fn an_unset_variable_in_an_upstream_url_is_named_as_such() {
+    let text = BASE.replace("http://127.0.0.1:7001/base/", "${SAAS_APP_URL}");
+    let err = errors(&text);
+    assert!(
+        err.contains(
+            "upstreams[0].url: environment variable SAAS_APP_URL is not set (used in upstreams[0].url)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("is not a URL"), "{err}");
+    // Set, but without a scheme: the value is shown with where it came from.
+    let env = |name: &str| match name {
+        "SAAS_APP_URL" => Some("app.example.com".to_string()),
+        other => env(other),
+    };
+    let err = Config::from_toml(&text, Path::new("t.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"app.example.com\" (from \"${SAAS_APP_URL}\") is not a URL"),
+        "{err}"
+    );
+}

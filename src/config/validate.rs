@@ -72,6 +72,22 @@ fn substitute(
     out
 }
 
+/// The `${VAR}` names in `value` that the environment does not set.
+fn unset_vars(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else { break };
+        let name = &after[..end];
+        if !name.is_empty() && env(name).is_none() && !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+        rest = &after[end + 1..];
+    }
+    names
+}
+
 fn secret(
     env_name: &str,
     field: &str,
@@ -295,8 +311,25 @@ pub(super) fn validate(
                 format!("duplicate upstream {:?}", u.name),
             );
         }
-        let url_text = substitute(&u.url, &format!("{f}.url"), env, &mut missing, &mut p);
+        let field = format!("{f}.url");
+        let before = missing.len();
+        let url_text = substitute(&u.url, &field, env, &mut missing, &mut p);
+        // The URL decides where requests go: an unset variable in it is an error, not a warning,
+        // and it is said as such rather than as an unparsable "${VAR}".
+        let unset: Vec<String> = missing.drain(before..).collect();
+        for name in unset_vars(&u.url, env) {
+            p.add(
+                &field,
+                format!("environment variable {name} is not set (used in {field})"),
+            );
+        }
+        let shown = if url_text == u.url {
+            format!("{:?}", u.url)
+        } else {
+            format!("{url_text:?} (from {:?})", u.url)
+        };
         let parsed = match url::Url::parse(&url_text) {
+            _ if !unset.is_empty() => None,
             Ok(parsed)
                 if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() =>
             {
@@ -304,13 +337,13 @@ pub(super) fn validate(
             }
             Ok(_) => {
                 p.add(
-                    format!("{f}.url"),
-                    format!("{:?} must be an http:// or https:// URL with a host", u.url),
+                    &field,
+                    format!("{shown} must be an http:// or https:// URL with a host"),
                 );
                 None
             }
             Err(e) => {
-                p.add(format!("{f}.url"), format!("{:?} is not a URL: {e}", u.url));
+                p.add(&field, format!("{shown} is not a URL: {e}"));
                 None
             }
         };

@@ -168,3 +168,47 @@ async fn a_missing_file_is_an_error() {
         "{out}"
     );
 }
+
+/// The first-hour report: `cost = "lots"` plus an upstream typo showed only the cost. Now type
+/// errors, unknown fields and references come in one run, each with its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_problem_is_reported_in_one_run_with_its_line() {
+    let text = replace("cost = 0.2", "cost = \"lots\"\ncolour = \"red\"")
+        .replace("upstream = \"agent\"", "upstream = \"agnet\"")
+        .replace(
+            "monthly_credits = 20",
+            "monthly_credits = 20\nmax_keys = \"two\"",
+        );
+    let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let out = check_text(&text).await;
+    assert!(!out.success(), "{out}");
+    for (field, needle) in [
+        ("routes[0].cost", "cost = \"lots\""),
+        ("routes[0].colour", "colour"),
+        ("tiers.free.max_keys", "max_keys"),
+        ("routes[0].upstream", "upstream = \"agnet\""),
+    ] {
+        let at = format!("(line {})", line(needle));
+        assert!(
+            out.stderr
+                .lines()
+                .any(|l| l.contains(field) && l.contains(&at)),
+            "no {field} {at}:\n{out}"
+        );
+    }
+}
+
+/// An example config run without its variable says the variable is unset, not that
+/// `"${SAAS_APP_URL}"` is a bad URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unset_upstream_variable_is_named() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/saas-tiers.toml");
+    let out = check(&example).await;
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains("environment variable SAAS_APP_URL is not set (used in upstreams[0].url)"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("is not a URL"), "{out}");
+}
