@@ -38,7 +38,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Also creates the route-labelled metric series at 0 (see [`crate::metrics::Metrics::expect_routes`]).
+    /// Also creates the route-labelled metric series at 0
+    /// ([`crate::metrics::Metrics::expect_routes`]).
     pub fn new(state: Arc<AppState>) -> Self {
         state.metrics.expect_routes(&state.config());
         Gateway {
