@@ -238,6 +238,10 @@ async fn reconcile_command(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit code of `ledger audit`/`rebuild --account ID` for an account that does not exist:
+/// apart from 1 (drift, or a failure), so a script can tell a typo from a broken ledger.
+const NO_SUCH_ACCOUNT: u8 = 2;
+
 async fn ledger_command(
     cfg: Config,
     account: Option<String>,
@@ -247,7 +251,14 @@ async fn ledger_command(
     let (pg, redis) = cli_stores(&cfg).await?;
     let ledger = cli_ledger(&cfg);
     let mut auditor = Auditor::new(&ledger, &pg, redis);
-    let accounts = auditor.accounts(account.as_deref()).await?;
+    let accounts = match auditor.accounts(account.as_deref()).await {
+        Ok(accounts) => accounts,
+        Err(crate::ledger::LedgerError::NoSuchAccount(id)) => {
+            eprintln!("error: no account {id:?} (neither in Postgres nor in Redis)");
+            return Ok(ExitCode::from(NO_SUCH_ACCOUNT));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (mut drifting, mut unflushed, mut not_loaded) = (0usize, 0usize, 0usize);
     for id in &accounts {
         if rebuild {

@@ -6,6 +6,43 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::config::Config;
+
+/// `route` label of a request refused before any route was known: an auth failure on a path
+/// with no route of its own (a self-service call with a bad key), or a request Pingora refused
+/// before tollgate saw it. A route's own auth failures carry the route's name.
+pub const ROUTE_AUTH: &str = "_auth";
+/// `route` label of the self-service API (`/_tollgate/v1/...`), once the caller is known.
+pub const ROUTE_SELF_SERVICE: &str = "_self_service";
+/// `route` label of a path no route matches (404 `route_not_found`).
+pub const ROUTE_UNMATCHED: &str = "_unmatched";
+
+/// Outcomes of a request on a configured route (`tollgate_requests_total{outcome}`): besides
+/// `forwarded`, `upstream_5xx`, `client_error` and `unmetered`, every `GatewayError` code but
+/// `route_not_found`. Each exists at 0 per route from the start, so `increase()` and ratio
+/// alerts see the first one.
+const ROUTE_OUTCOMES: &[&str] = &[
+    "forwarded",
+    "upstream_5xx",
+    "client_error",
+    "unmetered",
+    "missing_credentials",
+    "invalid_credentials",
+    "account_inactive",
+    "feature_not_in_tier",
+    "insufficient_credits",
+    "rate_limited",
+    "quota_exceeded",
+    "payload_too_large",
+    "metering_unavailable",
+    "model_not_priced",
+    "invalid_request",
+    "limit_reached",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "internal_error",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     /// Requests by route and outcome (`forwarded` or the stable error code).
@@ -248,7 +285,63 @@ impl Metrics {
             in_flight,
             registry: r,
         };
-        // Rare events exist at 0 from the start, so `increase()` sees their first occurrence.
+        // Rare events exist at 0 from the start, so `increase()` sees their first occurrence
+        // (a labelled family with no series is not exported at all).
+        for reason in ["missing", "invalid", "store_unavailable"] {
+            m.auth_failures.with_label_values(&[reason]);
+        }
+        for reason in [
+            "insufficient_credits",
+            "quota_exceeded",
+            "max_concurrent",
+            "rate_limited",
+            "feature_not_in_tier",
+            "payload_too_large",
+            "account_inactive",
+            "limit_reached",
+        ] {
+            m.plan_rejections.with_label_values(&[reason]);
+        }
+        m.redis_script_seconds.with_label_values(&["debit"]);
+        for script in ["debit", "extend", "settle", "refund"] {
+            m.redis_errors.with_label_values(&[script]);
+        }
+        for cause in ["postgres", "redis", "bad_entry"] {
+            m.journal_errors.with_label_values(&[cause]);
+        }
+        for reason in [
+            "usage",
+            "measured",
+            "no_usage",
+            "upstream_error",
+            "insufficient_credits",
+            "upgrade_dropped",
+            "connect_error",
+            "timeout",
+            "upstream_5xx",
+            "refused_by_tollgate",
+        ] {
+            m.settles.with_label_values(&[reason]);
+        }
+        for direction in ["extra", "back"] {
+            m.credits_settled_micros.with_label_values(&[direction]);
+        }
+        for kind in ["sse", "websocket", "other"] {
+            m.streams_cut.with_label_values(&[kind]);
+        }
+        for outcome in [
+            "applied",
+            "duplicate",
+            "already_applied",
+            "stale",
+            "ignored",
+            "unknown_account",
+            "invalid_signature",
+            "bad_request",
+            "error",
+        ] {
+            m.stripe_webhooks.with_label_values(&[outcome]);
+        }
         for outcome in ["voided", "not_run", "gave_up"] {
             m.unanswered_debits.with_label_values(&[outcome]);
         }
@@ -259,6 +352,41 @@ impl Metrics {
             m.alert_deliveries.with_label_values(&[outcome]);
         }
         Ok(m)
+    }
+
+    /// Creates at 0 the per-route series the config makes known up front: every route (and
+    /// the [`ROUTE_AUTH`], [`ROUTE_SELF_SERVICE`], [`ROUTE_UNMATCHED`] labels) with its
+    /// request outcomes and latency histograms, and each metered route's debits per tier, so
+    /// an alert sees a route's first failure and a dashboard lists every route from the start.
+    pub fn expect_routes(&self, config: &Config) {
+        for route in &config.routes {
+            let name = route.name.as_str();
+            for outcome in ROUTE_OUTCOMES {
+                self.requests.with_label_values(&[name, outcome]);
+            }
+            self.upstream_seconds.with_label_values(&[name]);
+            self.overhead_seconds.with_label_values(&[name]);
+            if !route.public {
+                self.unmetered.with_label_values(&[name]);
+                for tier in config.tiers.keys() {
+                    self.credits_debited_micros.with_label_values(&[name, tier]);
+                }
+            }
+        }
+        for outcome in [
+            "missing_credentials",
+            "invalid_credentials",
+            "metering_unavailable",
+        ] {
+            self.requests.with_label_values(&[ROUTE_AUTH, outcome]);
+        }
+        self.requests
+            .with_label_values(&[ROUTE_UNMATCHED, "route_not_found"]);
+        self.requests
+            .with_label_values(&[ROUTE_SELF_SERVICE, "self_service"]);
+        for label in [ROUTE_AUTH, ROUTE_SELF_SERVICE, ROUTE_UNMATCHED] {
+            self.overhead_seconds.with_label_values(&[label]);
+        }
     }
 
     /// The text exposition format.

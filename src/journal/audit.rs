@@ -183,16 +183,37 @@ impl<'a> Auditor<'a> {
         }
     }
 
-    /// Accounts to look at: one, or all in Postgres.
-    pub async fn accounts(&self, only: Option<&str>) -> Result<Vec<String>, sqlx::Error> {
+    /// Accounts to look at: one, or all in Postgres. A named account must exist in Postgres or
+    /// in Redis ([`LedgerError::NoSuchAccount`] otherwise): a mistyped id would otherwise
+    /// audit clean as "not loaded in Redis".
+    pub async fn accounts(&mut self, only: Option<&str>) -> Result<Vec<String>, LedgerError> {
         match only {
-            Some(id) => Ok(vec![id.to_string()]),
-            None => {
-                sqlx::query_scalar("SELECT id FROM accounts ORDER BY id")
-                    .fetch_all(self.pg)
-                    .await
+            Some(id) => {
+                if self.exists(id).await? {
+                    Ok(vec![id.to_string()])
+                } else {
+                    Err(LedgerError::NoSuchAccount(id.to_string()))
+                }
             }
+            None => Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id")
+                .fetch_all(self.pg)
+                .await?),
         }
+    }
+
+    /// The account is a row of `accounts` or a hash in Redis (Redis alone can still hold an
+    /// account whose row is gone; the audit should show it rather than deny it).
+    async fn exists(&mut self, account_id: &str) -> Result<bool, LedgerError> {
+        let in_pg: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(account_id)
+                .fetch_one(self.pg)
+                .await?;
+        if in_pg {
+            return Ok(true);
+        }
+        let k = self.ledger.keys(account_id);
+        Ok(snapshot(&mut self.redis, &k, account_id).await?.exists)
     }
 
     /// One consistent comparison for an account.

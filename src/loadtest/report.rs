@@ -359,16 +359,28 @@ impl Report {
                 );
             }
         }
-        if self.schedule_lag_us.is_some_and(|l| l.p99 > 5_000) {
-            let _ = writeln!(
-                s,
-                "note: the load generator itself fell behind its schedule (send lag p99 above 5 ms): \
-                 give it more --threads, or lower --rate"
-            );
+        if self
+            .schedule_lag_us
+            .is_some_and(|l| l.p99 > SEND_LAG_NOTE_ABOVE_US)
+        {
+            let _ = writeln!(s, "{SEND_LAG_NOTE}");
         }
         s
     }
 }
+
+/// Send lag p99 (µs) past which the report says the generator was starved.
+const SEND_LAG_NOTE_ABOVE_US: u64 = 5_000;
+
+/// Send lag this large is not a bug in the generator or the server: the generator's threads
+/// did not get the CPU when a request fell due (seen while the same machine was compiling).
+/// Sends are timed from when they are written, but responses are read late too, so the
+/// latencies of such a run are inflated by the same wait.
+const SEND_LAG_NOTE: &str =
+    "note: the load generator fell behind its schedule (send lag p99 above 5 ms): \
+     the machine running the load generator was short of CPU (other processes busy?); latencies \
+     include that wait, as responses were read late too. Rerun on a quieter machine, with more \
+     --threads if it has idle cores, or at a lower --rate";
 
 /// `412µs`, `1.23ms`, `2.50s`.
 pub fn fmt_us(us: u64) -> String {
@@ -401,6 +413,57 @@ mod tests {
         assert_eq!(fmt_us(2_500_000), "2.50s");
         assert_eq!(trim_float(100.0), "100");
         assert_eq!(trim_float(0.5), "0.5");
+    }
+
+    fn open_loop_report(lag_p99_us: u64) -> Report {
+        let lag = Percentiles {
+            min: 0,
+            mean: 100.0,
+            p50: 100,
+            p90: 200,
+            p99: lag_p99_us,
+            p99_9: lag_p99_us,
+            max: lag_p99_us,
+        };
+        Report {
+            url: "http://127.0.0.1:8080/v1/echo".into(),
+            method: "GET".into(),
+            mode: "open",
+            connections: 32,
+            threads: 1,
+            duration_s: 10.0,
+            warmup_s: 0.0,
+            elapsed_s: 10.0,
+            interrupted: false,
+            target_rate: Some(20.0),
+            achieved_rate: Some(20.0),
+            scheduled: Some(200),
+            requests: 200,
+            responses: 200,
+            errors: Errors::default(),
+            status: BTreeMap::from([("200".to_string(), 200)]),
+            throughput_rps: 20.0,
+            latency_us: None,
+            schedule_lag_us: Some(lag),
+        }
+    }
+
+    #[test]
+    fn send_lag_note_blames_a_busy_machine_not_a_bug() {
+        let text = open_loop_report(12_000).render_text();
+        let note = text
+            .lines()
+            .find(|l| l.starts_with("note: the load generator"))
+            .unwrap_or_else(|| panic!("no send lag note in:\n{text}"));
+        assert!(
+            note.contains("the machine running the load generator was short of CPU"),
+            "{note}"
+        );
+        assert!(note.contains("latencies include that wait"), "{note}");
+        assert!(!text.contains("give it more --threads"), "{text}");
+        // Below the threshold: no note at all.
+        let quiet = open_loop_report(1_000).render_text();
+        assert!(!quiet.contains("note: the load generator"), "{quiet}");
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Also creates the route-labelled metric series at 0
+    /// ([`crate::metrics::Metrics::expect_routes`]).
     pub fn new(state: Arc<AppState>) -> Self {
+        state.metrics.expect_routes(&state.config());
         Gateway {
             state,
             resolver: upstream::Resolver::default(),
@@ -53,6 +56,9 @@ pub struct RequestCtx {
     /// The config version this request started with (a reload does not affect it).
     pub snapshot: Option<Arc<Snapshot>>,
     pub route: Option<Arc<RouteConfig>>,
+    /// The `route` metric label while `route` is `None`: a request always has a non-empty one
+    /// ([`crate::metrics::ROUTE_AUTH`] until the request is known to be something else).
+    pub unrouted: &'static str,
     pub identity: Option<Identity>,
     /// Header that carried the credential, removed before forwarding.
     pub credential_header: Option<&'static str>,
@@ -185,10 +191,12 @@ impl Gateway {
         ctx: &mut RequestCtx,
         snap: &Snapshot,
     ) -> pingora::Result<bool> {
+        // A refused credential counts under `_auth`, like every auth failure without a route.
         let identity = match auth::authenticate(&self.state, snap, session).await {
             Ok((identity, _)) => identity,
             Err(err) => return self.reject(session, ctx, err).await,
         };
+        ctx.unrouted = crate::metrics::ROUTE_SELF_SERVICE;
         match selfservice::answer(&self.state, snap, session, &identity).await {
             Ok((status, body)) => {
                 ctx.outcome = "self_service";
@@ -220,6 +228,7 @@ impl Gateway {
         }
         let req = session.req_header();
         let Some(route) = snap.router.find(&req.method, req.uri.path()).cloned() else {
+            ctx.unrouted = crate::metrics::ROUTE_UNMATCHED;
             let err = GatewayError::RouteNotFound {
                 method: req.method.to_string(),
                 path: req.uri.path().to_string(),
@@ -521,6 +530,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             snapshot: None,
             route: None,
+            unrouted: crate::metrics::ROUTE_AUTH,
             identity: None,
             credential_header: None,
             upstream_started: None,
@@ -980,7 +990,7 @@ impl ProxyHttp for Gateway {
                 .instrument(ctx.span.clone())
                 .await;
         }
-        let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
+        let route = ctx.route.as_ref().map_or(ctx.unrouted, |r| r.name.as_str());
         let total = ctx.started.elapsed();
         let upstream_wait = ctx.upstream_started.map(|started| {
             ctx.upstream_done.map_or_else(

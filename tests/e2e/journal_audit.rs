@@ -190,3 +190,32 @@ async fn balance_from_redis(
         .unwrap();
     (a, p)
 }
+
+/// `--account` naming an account that exists neither in Postgres nor in Redis is an error
+/// (exit 2, named), not a clean audit of "1 not loaded in Redis"; an account that exists
+/// still audits and rebuilds cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_and_rebuild_of_an_unknown_account_fail() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let cfg = metered_config(&env, &up.url(), 1);
+    let app = cfg.spawn().await;
+    let idle = format!("acct_{}", crate::harness::random_id(8));
+    app.create_account(&idle, "pro").await;
+    let nobody = format!("nobody_{}", crate::harness::random_id(8));
+    for what in ["audit", "rebuild"] {
+        let out = ledger_cmd(&env, &cfg, what, &["--account", &nobody]).await;
+        assert_eq!(out.status.code(), Some(2), "{what}: {out}");
+        assert!(
+            out.stderr
+                .contains(&format!("error: no account \"{nobody}\"")),
+            "{what}: {out}"
+        );
+        let out = ledger_cmd(&env, &cfg, what, &["--account", &idle]).await;
+        assert!(out.success(), "{what}: {out}");
+        assert!(
+            out.stdout.contains(&format!("{what}: 1 accounts")),
+            "{what}: {out}"
+        );
+    }
+}
