@@ -347,3 +347,12 @@ fn an_unset_variable_in_an_upstream_url_is_named_as_such() {
         "{err}"
     );
 }
+
+#[test]
+fn route_names_starting_with_an_underscore_are_reserved_for_metrics() {
+    let err = errors(&BASE.replace("name = \"chat\"", "name = \"_auth\""));
+    assert!(
+        err.contains("routes[0].name: \"_auth\": names starting with _ are reserved"),
+        "{err}"
+    );
+}

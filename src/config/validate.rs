@@ -538,6 +538,13 @@ pub(super) fn validate(
                 format!("{:?} is not a valid name", r.name),
             );
         }
+        if r.name.starts_with('_') {
+            // `_auth`, `_self_service`, `_unmatched` label requests without a route in metrics.
+            p.add(
+                format!("{f}.name"),
+                format!("{:?}: names starting with _ are reserved", r.name),
+            );
+        }
         if !names.insert(r.name.clone()) {
             p.add(format!("{f}.name"), format!("duplicate route {:?}", r.name));
         }

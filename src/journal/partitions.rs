@@ -826,15 +826,26 @@ impl MaintenanceMetrics {
 
 /// The background task: [`run_once`] at start and then every `settings.every` (5 minutes
 /// after a failure) until `stop`. Failures are logged and counted, never fatal: the DEFAULT
-/// partition keeps every entry storable meanwhile.
-pub async fn run_maintenance<C: ConnectionLike + Send>(
+/// partition keeps every entry storable meanwhile. Its metrics are registered by this call,
+/// not when the task first runs, so they are on `/metrics` before `serve` says it listens.
+pub fn run_maintenance<C: ConnectionLike + Send>(
     pool: PgPool,
-    mut redis: C,
+    redis: C,
     settings: MaintenanceSettings,
     metrics: Option<Arc<Metrics>>,
     stop: CancellationToken,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let m = MaintenanceMetrics::new(metrics.as_deref());
+    maintenance_loop(pool, redis, settings, m, stop)
+}
+
+async fn maintenance_loop<C: ConnectionLike + Send>(
+    pool: PgPool,
+    mut redis: C,
+    settings: MaintenanceSettings,
+    m: Option<MaintenanceMetrics>,
+    stop: CancellationToken,
+) {
     loop {
         let run = tokio::select! {
             _ = stop.cancelled() => return,
