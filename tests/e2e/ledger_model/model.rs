@@ -52,8 +52,8 @@ pub const ANCHOR_DAY: u32 = 31;
 /// The clock at the start: four hours before the first period boundary.
 pub const START_MS: i64 = (PERIOD_END - 4 * 3600) * 1000;
 
-/// One step of a generated sequence. Indices pick among the holds / plain charges made so far
-/// (modulo their count; the step is skipped while there is none).
+/// One step of a generated sequence. Indices pick among the holds / plain charges made so far,
+/// 0 = the newest (the step is skipped while there is none).
 #[derive(Debug, Clone)]
 pub enum Op {
     /// A plain debit; `stale_tier`: the caller's cached tier is not the account's.
