@@ -1,20 +1,23 @@
 //! Model-based test of the ledger scripts: generated sequences of debit / hold / extend /
 //! settle / refund / grant / clawback / clock moves (hour windows, period resets) / tier
-//! changes run against the real Lua scripts on the real Redis through the real Rust ledger API
-//! (`tollgate::ledger::Ledger`), each compared after every step with a small reference model
-//! written from the README's money rules (`model.rs`): the reply, the buckets, the period, the
-//! plan counters, the open holds, and the journal — every new entry of the shard stream, parsed
-//! by the journal's own parser, must be the one the model expects, and for every bucket
-//! balance = Σ entry deltas. Every settled hold's entries add up to exactly its true cost and
-//! an open hold's to what it holds.
+//! changes / past-due states run against the real Lua scripts on the real Redis through the
+//! real Rust ledger API (`tollgate::ledger::Ledger`), each compared after every step with a
+//! small reference model written from the README's money rules (`model.rs`): the reply, the
+//! buckets, the status, the period, the plan counters, the open holds, and the journal — every
+//! entry of the shard stream, parsed by the journal's own parser, must be the one the model
+//! expects, and for every bucket balance = Σ entry deltas. Every settled hold's entries add up
+//! to exactly its true cost and an open hold's to what it holds.
 //!
 //! Each case gets its own key prefix (deleted by SCAN afterwards), so no Postgres is needed:
 //! the account is created by the real hydrate script with its opening entry. The clock is
 //! injected (`now_ms` of the debit), so hour and period boundaries are crossed without sleeping.
+//! Not covered: concurrency leases, counted resources, per-action quotas, the sweeper (its
+//! clock is Redis's own; a hold settled at what it holds stands in for it).
 //!
-//! Deterministic: a fixed seed and 256 cases by default (1–40 steps each, so a failure shrinks to the fewest steps). More on demand:
-//! `TOLLGATE_MODEL_CASES=5000 TOLLGATE_MODEL_SEED=7 cargo test --test e2e ledger_model`. A
-//! failure prints the shrunk (minimal) sequence and the step that diverged.
+//! Deterministic: a fixed seed and 256 cases by default, 1–40 steps each. More on demand:
+//! `TOLLGATE_MODEL_CASES=5000 TOLLGATE_MODEL_SEED=7 cargo test --test e2e ledger_model`
+//! (`PROPTEST_CASES` works too). A failure prints the step that diverged and the shortest
+//! sequence that still fails (proptest's shrinking, then a greedy pass removing steps).
 
 mod model;
 
@@ -74,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         ]
         .prop_map(|ms| Op::Advance { ms }),
         1 => (0usize..TIERS.len()).prop_map(|tier| Op::SetTier { tier }),
+        1 => (0u8..3).prop_map(|state| Op::Billing { state }),
     ]
 }
 
@@ -96,10 +100,15 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 #[test]
 fn ledger_scripts_follow_the_model() {
-    let mut config = Config::default();
-    config.cases = env_num("TOLLGATE_MODEL_CASES").unwrap_or(DEFAULT_CASES);
-    config.failure_persistence = None;
-    config.max_shrink_iters = 4096;
+    let config = Config {
+        cases: env_num("TOLLGATE_MODEL_CASES")
+            .or_else(|| env_num("PROPTEST_CASES"))
+            .unwrap_or(DEFAULT_CASES),
+        // Deterministic: no regression files; the seed reproduces a failure.
+        failure_persistence: None,
+        max_shrink_iters: 4096,
+        ..Config::default()
+    };
     let seed: u64 = env_num("TOLLGATE_MODEL_SEED").unwrap_or(DEFAULT_SEED);
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
@@ -166,6 +175,7 @@ fn ledger_scripts_follow_the_model() {
         "debit:Quota:requests_per_month",
         "debit:Quota:tokens_per_month",
         "debit:TierMismatch",
+        "debit:Charged:frozen",
         "journal:reset",
         "journal:extend",
         "journal:subscription",
@@ -190,6 +200,9 @@ fn label(reply: &Reply, model: &Model, before: (i64, i64)) -> Option<String> {
         Reply::Debit(tollgate::ledger::DebitOutcome::Quota { name, .. }) => {
             format!("debit:Quota:{name}")
         }
+        Reply::Debit(tollgate::ledger::DebitOutcome::Charged { .. }) if model.frozen() => {
+            "debit:Charged:frozen".into()
+        }
         Reply::Debit(d) => format!("debit:{}", format!("{d:?}").split([' ', '{']).next()?),
         Reply::Credit(c) => format!("credit:{}", format!("{c:?}").split([' ', '{']).next()?),
         Reply::Settle(tollgate::ledger::holds::SettleOutcome::Settled { delta, .. }) => {
@@ -207,6 +220,7 @@ fn label(reply: &Reply, model: &Model, before: (i64, i64)) -> Option<String> {
         Reply::Extend(Some(x)) if x.short => "extend:short".into(),
         Reply::Extend(x) => format!("extend:{}", if x.is_some() { "ok" } else { "gone" }),
         Reply::Tier(_) => "tier".into(),
+        Reply::Status(_) => "billing".into(),
         Reply::None => return None,
     })
 }
@@ -396,6 +410,16 @@ async fn apply(
             let got = ledger.credit(conn, &req).await?;
             (Reply::Credit(expected), Reply::Credit(got))
         }
+        Op::Billing { state } => {
+            let grace = match state {
+                0 => None,
+                1 => Some(model::GRACE_LATER),
+                _ => Some(model::GRACE_PAST),
+            };
+            let expected = model.set_billing(state);
+            let got = ledger.set_billing_status(conn, ACCOUNT, grace).await?;
+            (Reply::Status(expected), Reply::Status(got))
+        }
         Op::Advance { ms } => {
             model.now_ms += ms;
             (Reply::None, Reply::None)
@@ -491,7 +515,7 @@ async fn check(ledger: &Ledger, conn: &mut RedisConn, model: &Model) -> Result<(
         .ok_or("the account is gone from Redis")?;
     let want = (
         TIERS[model.tier].name,
-        "active",
+        model.status(),
         model.allowance,
         model.purchased,
         model.period_start,

@@ -49,6 +49,10 @@ pub const ACTION: &str = "ai";
 pub const PERIOD_START: i64 = 1_798_675_200; // 2026-12-31T00:00:00Z
 pub const PERIOD_END: i64 = 1_801_353_600; // 2027-01-31T00:00:00Z
 pub const ANCHOR_DAY: u32 = 31;
+/// Grace deadlines (unix s) on either side of every clock the scripts read (the injected one
+/// of the debit, Redis's real one of extend and settle).
+pub const GRACE_PAST: i64 = 946_684_800; // 2000-01-01
+pub const GRACE_LATER: i64 = 4_102_444_800; // 2100-01-01
 /// The clock at the start: four hours before the first period boundary.
 pub const START_MS: i64 = (PERIOD_END - 4 * 3600) * 1000;
 
@@ -97,6 +101,11 @@ pub enum Op {
     SetTier {
         tier: usize,
     },
+    /// The subscription's payment state: 0 = paid (active), 1 = past due within its grace
+    /// period, 2 = past due after it (the allowance is frozen).
+    Billing {
+        state: u8,
+    },
 }
 
 /// What the ledger API must answer.
@@ -107,6 +116,7 @@ pub enum Reply {
     Settle(SettleOutcome),
     Extend(Option<Extended>),
     Tier(bool),
+    Status(Option<String>),
     /// Nothing was called (a clock move, or an index with nothing to pick).
     None,
 }
@@ -155,6 +165,8 @@ pub struct Model {
     req_h_idx: i64,
     pub req_p: u64,
     pub tok_p: u64,
+    /// See [`Op::Billing`].
+    pub billing: u8,
     pub holds: Vec<Hold>,
     pub charges: Vec<Charge>,
     seen: std::collections::HashSet<String>,
@@ -200,6 +212,7 @@ impl Model {
             req_h_idx: -1,
             req_p: 0,
             tok_p: 0,
+            billing: 0,
             holds: Vec::new(),
             charges: Vec::new(),
             seen: Default::default(),
@@ -232,6 +245,33 @@ impl Model {
             Credits::from_micros(self.allowance),
             Credits::from_micros(self.purchased),
         )
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.billing == 2
+    }
+
+    /// The allowance that can pay now: none while frozen.
+    pub fn usable(&self) -> i64 {
+        if self.frozen() {
+            0
+        } else {
+            self.allowance
+        }
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.billing == 0 {
+            "active"
+        } else {
+            "past_due"
+        }
+    }
+
+    /// A failed invoice puts the account past due (with a grace deadline), a paid one lifts it.
+    pub fn set_billing(&mut self, state: u8) -> Option<String> {
+        self.billing = state;
+        Some(self.status().to_string())
     }
 
     /// The tier the caller names: the account's own, or (stale) the next one.
@@ -306,11 +346,15 @@ impl Model {
         }
         let mut take = cost;
         let (mut fa, mut fp) = (0, 0);
-        if tier.monthly.is_some() {
-            let total = self.allowance + self.purchased;
+        // Past due after the grace deadline: the allowance is frozen (also on an unlimited
+        // tier), only purchased credits pay, 402 when they run out.
+        let frozen = self.frozen();
+        let usable = self.usable();
+        if tier.monthly.is_some() || frozen {
+            let total = usable + self.purchased;
             if total < cost {
                 return DebitOutcome::Insufficient {
-                    allowance: Credits::from_micros(self.allowance),
+                    allowance: Credits::from_micros(usable),
                     purchased: Credits::from_micros(self.purchased),
                 };
             }
@@ -322,7 +366,7 @@ impl Model {
                     Some(_) => cost,
                 };
             }
-            fa = self.allowance.max(0).min(take);
+            fa = usable.max(0).min(take);
             fp = take - fa;
             self.allowance -= fa;
             self.purchased -= fp;
@@ -336,7 +380,7 @@ impl Model {
                 held: take,
                 from_allow: fa,
                 from_purch: fp,
-                unlimited: tier.monthly.is_none(),
+                unlimited: tier.monthly.is_none() && !frozen,
                 extensions: 0,
                 settled_at: None,
             }),
@@ -351,7 +395,7 @@ impl Model {
         DebitOutcome::Charged {
             from_allowance: Credits::from_micros(fa),
             from_purchased: Credits::from_micros(fp),
-            allowance: Credits::from_micros(self.allowance),
+            allowance: Credits::from_micros(self.usable()),
             purchased: Credits::from_micros(self.purchased),
             period_end: self.period_end,
             taken: Credits::from_micros(take),
@@ -361,7 +405,7 @@ impl Model {
     /// A top-up of an open hold: the step when the balance has it, else what is left (never
     /// below zero), allowance first.
     pub fn extend(&mut self, i: usize, step: i64) -> Option<Extended> {
-        let (allowance, purchased) = (self.allowance, self.purchased);
+        let (allowance, purchased) = (self.usable(), self.purchased);
         let h = &mut self.holds[i];
         if h.settled_at.is_some() {
             return None;
@@ -398,7 +442,7 @@ impl Model {
             taken: Credits::from_micros(take),
             held: Credits::from_micros(held),
             short: take < step,
-            balance: Credits::from_micros(self.allowance + self.purchased),
+            balance: Credits::from_micros(self.usable() + self.purchased),
         })
     }
 
@@ -406,7 +450,7 @@ impl Model {
     /// (as far as the hold took from it), then to the allowance; an extra charge takes the
     /// allowance first, then purchased, which may go below zero (debt).
     pub fn settle(&mut self, i: usize, cost: Option<i64>, tokens: u64) -> SettleOutcome {
-        let allowance = self.allowance;
+        let allowance = self.usable();
         let h = &mut self.holds[i];
         if h.settled_at.is_some() {
             return SettleOutcome::NotFound;
