@@ -150,3 +150,69 @@ pub fn content_length(session: &Session) -> Option<u64> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(tiers: &str) -> Config {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+[[routes]]
+name = "r"
+path_prefix = "/"
+upstream = "u"
+cost = 1
+{tiers}
+"#
+        );
+        Config::from_toml(&text, Path::new("t"), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn the_upgrade_suggestion_is_the_cheapest_tier_with_the_feature() {
+        let c = config(
+            r#"
+[tiers.free]
+monthly_credits = 5
+features = ["chat"]
+[tiers.team]
+monthly_credits = 500
+price_cents_monthly = 9900
+features = ["chat", "images"]
+[tiers.pro]
+monthly_credits = 100
+price_cents_monthly = 2900
+features = ["chat", "images"]
+[tiers.enterprise]
+monthly_credits = "unlimited"
+features = ["chat", "images", "audit"]
+[tiers.starter]
+monthly_credits = 50
+price_cents_monthly = 2900
+features = ["images"]
+"#,
+        );
+        // By list price, then monthly credits: starter and pro cost the same, starter has fewer.
+        assert_eq!(cheapest_tier_with(&c, "images").as_deref(), Some("starter"));
+        // Tiers without a list price (custom deals) come after every priced one.
+        assert_eq!(cheapest_tier_with(&c, "chat").as_deref(), Some("pro"));
+        assert_eq!(
+            cheapest_tier_with(&c, "audit").as_deref(),
+            Some("enterprise")
+        );
+        assert_eq!(cheapest_tier_with(&c, "video"), None);
+    }
+}

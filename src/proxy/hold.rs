@@ -270,3 +270,62 @@ impl Drop for LeaseKeeper {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::holds::Extended;
+
+    fn extended(held: i64, balance: i64, short: bool) -> Extended {
+        Extended {
+            taken: Credits::ZERO,
+            held: Credits::from_micros(held),
+            short,
+            balance: Credits::from_micros(balance),
+        }
+    }
+
+    #[test]
+    fn a_top_up_updates_what_is_held_and_the_balance() {
+        let h = Hold::new(
+            "a",
+            "c",
+            "ai",
+            Rates::default(),
+            Credits::from_micros(5),
+            Some(Credits::from_micros(95)),
+            1000,
+        );
+        assert_eq!(
+            (h.held(), h.balance()),
+            (Credits::from_micros(5), Some(Credits::from_micros(95)))
+        );
+        h.record(&extended(8, 92, false));
+        assert_eq!(
+            (h.held(), h.balance()),
+            (Credits::from_micros(8), Some(Credits::from_micros(92)))
+        );
+        assert!(!h.is_short());
+        // Short once, short for good: a later full top-up does not un-cut the stream.
+        h.record(&extended(10, 0, true));
+        h.record(&extended(10, 0, false));
+        assert!(h.is_short());
+        assert!(!h.must_cut());
+    }
+
+    #[test]
+    fn an_unlimited_hold_has_no_balance() {
+        let h = Hold::new(
+            "a",
+            "c",
+            "ai",
+            Rates::default(),
+            Credits::from_micros(5),
+            None,
+            1000,
+        );
+        h.record(&extended(8, -3, false));
+        assert_eq!(h.held(), Credits::from_micros(8));
+        assert_eq!(h.balance(), None);
+    }
+}

@@ -270,3 +270,150 @@ pub async fn finish_hold(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pricing::Rates;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+[[routes]]
+name = "default"
+path_prefix = "/d"
+upstream = "u"
+cost = 1
+[[routes]]
+name = "all"
+path_prefix = "/a"
+upstream = "u"
+cost = 1
+refund_on = ["connect_error", "5xx", "timeout"]
+[[routes]]
+name = "none"
+path_prefix = "/n"
+upstream = "u"
+cost = 1
+refund_on = []
+"#;
+
+    fn route(name: &str) -> Arc<RouteConfig> {
+        let c = Config::from_toml(CONFIG, Path::new("t"), &|_| None).unwrap();
+        c.routes.into_iter().find(|r| r.name == name).unwrap()
+    }
+
+    #[test]
+    fn refunds_follow_the_routes_policy() {
+        use Failure::*;
+        let (default, all, none) = (route("default"), route("all"), route("none"));
+        // README: `refund_on` defaults to connect errors and 5xx.
+        assert!(should_refund(&default, Some(ConnectError)));
+        assert!(should_refund(&default, Some(Upstream5xx)));
+        assert!(!should_refund(&default, Some(Timeout)));
+        assert!(should_refund(&all, Some(Timeout)));
+        assert!(!should_refund(&none, Some(ConnectError)));
+        assert!(!should_refund(&none, Some(Upstream5xx)));
+        // tollgate's own refusal after charging is refunded whatever the policy says.
+        assert!(should_refund(&none, Some(Refused)));
+        // A request that did not fail is never refunded.
+        assert!(!should_refund(&all, None));
+        assert_eq!(Upstream5xx.reason(), "upstream_5xx");
+        assert_eq!(Refused.reason(), "refused_by_tollgate");
+    }
+
+    fn micros(n: i64) -> Credits {
+        Credits::from_micros(n)
+    }
+
+    /// The README's worked example: 0.01 per request, 0.5 / 1.5 per 1k tokens in / out,
+    /// reserve 5.
+    fn rates(by_tokens: bool) -> Rates {
+        Rates {
+            per_request: micros(10_000),
+            input_per_1k: if by_tokens {
+                micros(500_000)
+            } else {
+                Credits::ZERO
+            },
+            output_per_1k: if by_tokens {
+                micros(1_500_000)
+            } else {
+                Credits::ZERO
+            },
+            per_mb: micros(1_000_000),
+            reserve: micros(5_000_000),
+            by_tokens,
+            ..Rates::default()
+        }
+    }
+
+    fn cost_of(
+        rates: Rates,
+        refund: Option<Failure>,
+        body: u64,
+        status: u16,
+    ) -> (Option<Credits>, &'static str) {
+        let hold = Hold::new(
+            "acct",
+            "ch",
+            "ai",
+            rates,
+            rates.reserve,
+            Some(micros(95_000_000)),
+            300_000,
+        );
+        let mut m = Metered {
+            rates: Some(rates),
+            hold: Some(Arc::clone(&hold)),
+            refund,
+            ..Metered::default()
+        };
+        let (cost, reason, _) = true_cost(&mut m, &hold, body, Some(status));
+        (cost, reason)
+    }
+
+    #[test]
+    fn true_cost_follows_the_documented_rules() {
+        let mb = crate::pricing::BYTES_PER_MB;
+        // The refund policy applies: the whole hold goes back.
+        assert_eq!(
+            cost_of(rates(true), Some(Failure::Upstream5xx), mb, 503),
+            (Some(Credits::ZERO), "upstream_5xx")
+        );
+        // An upgraded session that carried no byte: nothing is charged.
+        assert_eq!(
+            cost_of(rates(false), None, 0, 101),
+            (Some(Credits::ZERO), "upgrade_dropped")
+        );
+        // Token-priced, answered < 400 without usage: the larger of what is held and the
+        // running estimate, never zero (no response meter: what is held).
+        assert_eq!(
+            cost_of(rates(true), None, mb, 200),
+            (Some(micros(5_000_000)), "no_usage")
+        );
+        // Token-priced, upstream error without usage: the fixed parts only (per request and
+        // body size), not the reserve.
+        assert_eq!(
+            cost_of(rates(true), None, mb, 500),
+            (Some(micros(1_010_000)), "upstream_error")
+        );
+        // Not token-priced: exactly what was measured.
+        assert_eq!(
+            cost_of(rates(false), None, 2 * mb, 200),
+            (Some(micros(2_010_000)), "measured")
+        );
+    }
+}

@@ -23,6 +23,7 @@ mod ledger_failures;
 mod ledger_gates;
 mod ledger_headers;
 mod ledger_metrics;
+mod ledger_model;
 mod ledger_quotas;
 mod ledger_reconcile;
 mod lifecycle;
