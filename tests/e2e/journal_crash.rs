@@ -36,7 +36,9 @@ async fn sigkill_mid_load_then_restart_every_debit_journaled_once() {
     for t in 0..TASKS {
         // One client per task: several connections, like several callers.
         let client = crate::harness::http_client();
-        let url = app.proxy_url(&format!("/v1/chat/t{t}"));
+        // The upstream takes 50 ms: at any moment most tasks have a request in flight, so the
+        // kill lands on debited, forwarded, unanswered requests (checked below).
+        let url = app.proxy_url(&format!("/v1/chat/t{t}/slow?ms=50"));
         let key = key.clone();
         let (sent, ok, failed, stop) = (
             Arc::clone(&sent),
@@ -108,6 +110,13 @@ async fn sigkill_mid_load_then_restart_every_debit_journaled_once() {
         killed_at.elapsed()
     );
     assert!(ok >= KILL_AFTER as i64);
+    // The kill hit requests in flight: some were cut, some reached the upstream (so were
+    // debited) and were never answered.
+    assert!(failed >= 1, "no request was cut by the kill");
+    assert!(
+        upstream_got > ok,
+        "no request was in flight upstream at the kill: upstream {upstream_got}, 2xx {ok}"
+    );
     assert_eq!(
         j.debits, j.distinct_debit_ids,
         "a debit stored twice: {j:?}"
