@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{passthrough_toml, poll_until, run_tollgate, App, TestEnv};
+use crate::harness::{passthrough_toml, run_tollgate, App, TestEnv};
 use crate::upstream::{closed_addr, FakeUpstream};
 
 /// A running app with one slow request (1.5 s) in flight at the upstream; SIGTERM is sent
@@ -63,27 +63,36 @@ async fn sigterm_refuses_new_connections_while_draining() {
     let (mut app, in_flight, signalled) = sigterm_during_a_slow_request(&env, &up).await;
     let proxy = app.proxy_addr();
 
-    // Within a second of the signal (the slow request is still running), connecting fails.
-    let refused = poll_until(Duration::from_millis(1000), || async {
+    // While the slow request is still running (the drain), connecting fails: waited for on
+    // the refusal itself and checked against the in-flight request's end (an order, not a
+    // speed).
+    let mut refused_at = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused_at.is_none() && !in_flight.is_finished() && Instant::now() < deadline {
         match tokio::net::TcpStream::connect(proxy).await {
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused_at = Some(Instant::now());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-    })
-    .await;
-    let refused_after = signalled.elapsed();
+    }
     // If not refused, find out what happens to such a connection, for the failure message.
-    let fate = if refused {
+    let fate = if refused_at.is_some() {
         String::new()
     } else {
         probe_new_connection(proxy).await
     };
-    let finished = in_flight.await.unwrap().map(|(_, _, at)| at - signalled);
+    let finished = in_flight
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the in-flight request failed: {e}\n{}", app.logs()))
+        .2;
     let _ = app.wait_exit(Duration::from_secs(10)).await;
     assert!(
-        refused,
-        "new connections were still accepted {refused_after:?} after SIGTERM (the in-flight \
-         request finished after {finished:?}); such a connection: {fate}"
+        refused_at.is_some_and(|r| r < finished),
+        "new connections were still accepted while the in-flight request ran ({:?} after \
+         SIGTERM); such a connection: {fate}",
+        finished - signalled
     );
 }
 
