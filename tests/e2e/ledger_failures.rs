@@ -349,7 +349,7 @@ max_concurrent = 2
     }
     wait_total(&app, &account, "8").await;
     // Both slots come back.
-    let ok = poll_until(Duration::from_secs(3), || async {
+    let ok = poll_until(Duration::from_secs(5), || async {
         let leases: i64 = redis::cmd("ZCARD")
             .arg(crate::ledger_util::leases_key(&env, &account))
             .query_async(&mut env.redis().await)
