@@ -537,3 +537,25 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut up: watch::Receive
     }
     // Both sockets are dropped (closed) here.
 }
+
+#[test]
+fn credit_amounts_are_read_exactly_in_integers() {
+    assert_eq!(micros_of("12.5"), 12_500_000);
+    assert_eq!(micros_of("-0.25"), -250_000);
+    assert_eq!(micros_of("3"), 3_000_000);
+    assert_eq!(micros_of("0.10"), 100_000);
+    assert_eq!(micros_of("1e-6"), 1);
+    assert_eq!(micros_of("-1.5e-5"), -15);
+    assert_eq!(micros_of("2.5e3"), 2_500_000_000);
+    assert_eq!(micros(&serde_json::json!(0.016667)), 16_667);
+    assert_eq!(micros(&serde_json::json!(0.000001)), 1);
+    assert_eq!(micros(&serde_json::json!(19.8)), 19_800_000);
+    assert_eq!(micros(&serde_json::json!(-7)), -7_000_000);
+    assert_eq!(micros(&serde_json::json!("98.94")), 98_940_000);
+}
+
+#[test]
+#[should_panic(expected = "more than 6 decimals")]
+fn a_sub_micro_credit_amount_is_a_failure_not_rounded() {
+    micros(&serde_json::json!(0.0000005));
+}
