@@ -578,6 +578,12 @@ impl ProxyHttp for Gateway {
                 .max_body_bytes
                 .is_some_and(|limit| ctx.body_bytes > limit)
             {
+                // A plan refusal like the one on a declared length (counted in `gate`).
+                self.state
+                    .metrics
+                    .plan_rejections
+                    .with_label_values(&[GatewayError::PayloadTooLarge { limit_mb: 0 }.code()])
+                    .inc();
                 return Err(pingora::Error::explain(
                     pingora::ErrorType::HTTPStatus(413),
                     "request body over the tier's max_request_mb",

@@ -150,19 +150,23 @@ pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
 /// 6. not token-priced → exactly what was measured (per request, body size, duration);
 /// 7. an upgraded (WebSocket) session that carried no byte either way → 0.
 ///
+/// `elapsed_ms` is the request's duration, the one journaled with the settle, so the steps
+/// billed are exactly the started steps of the recorded duration.
+///
 /// Returns the cost (`None` = settle at what is held), the reason and the reported tokens.
 pub fn true_cost(
     m: &mut Metered,
     hold: &Hold,
     body_bytes: u64,
     status: Option<u16>,
+    elapsed_ms: u64,
 ) -> (Option<Credits>, &'static str, Usage) {
     let rates = m.rates.unwrap_or(hold.rates);
     let held = hold.held();
     let ticks = if rates.per_tick == Credits::ZERO {
         0
     } else {
-        started_ticks(hold.started.elapsed().as_millis() as u64, rates.tick_ms).max(1)
+        started_ticks(elapsed_ms, rates.tick_ms).max(1)
     };
     let running = m.running_cost(body_bytes);
     let usage = m.response.as_mut().and_then(UsageMeter::finish);
@@ -219,7 +223,9 @@ pub async fn finish_hold(
     };
     m.settled = true;
     hold.stop();
-    let (cost, reason, usage) = true_cost(m, &hold, body_bytes, status);
+    // One reading of the clock for the price and the journal's `duration_ms`.
+    let elapsed_ms = hold.started.elapsed().as_millis() as u64;
+    let (cost, reason, usage) = true_cost(m, &hold, body_bytes, status, elapsed_ms);
     let request = SettleRequest {
         account_id: &hold.account_id,
         charge_id: &hold.charge_id,
@@ -227,7 +233,7 @@ pub async fn finish_hold(
         tokens_in: usage.input_tokens,
         tokens_out: usage.output_tokens,
         status: status.unwrap_or(0),
-        duration_ms: hold.started.elapsed().as_millis() as u64,
+        duration_ms: elapsed_ms,
         reason,
         action: &hold.action,
     };

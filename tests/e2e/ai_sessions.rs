@@ -53,6 +53,20 @@ async fn total(app: &App, account: &str) -> i64 {
     balance(app, account).await.2
 }
 
+/// `duration_ms` of the account's (first) settle entry: the duration its started steps are
+/// billed for.
+async fn settle_duration_ms(pg: &sqlx::PgPool, account: &str) -> i64 {
+    let d: Option<i32> = sqlx::query_scalar(
+        "SELECT duration_ms FROM ledger_entries
+          WHERE account_id = $1 AND kind = 'settle' ORDER BY created_at, entry_id LIMIT 1",
+    )
+    .bind(account)
+    .fetch_one(pg)
+    .await
+    .expect("reading the settle entry");
+    i64::from(d.expect("a settle entry records its duration"))
+}
+
 /// `(kind, amount µc, reason)` of every journal entry of the account, oldest first.
 async fn entries(pg: &sqlx::PgPool, account: &str) -> Vec<(String, i64, String)> {
     sqlx::query_as(
@@ -142,8 +156,13 @@ async fn the_openai_client_sees_a_typed_error_when_a_stream_is_cut() {
         "{:?}",
         entries(&pg, &account).await
     );
-    assert!(total(&app, &account).await >= 0, "overspent");
     assert_caught_up(&env, Some(&app), Duration::from_secs(10)).await;
+    assert_eq!(
+        total(&app, &account).await,
+        0,
+        "the cut stream did not take exactly what the balance had: {:?}",
+        entries(&pg, &account).await
+    );
     assert_balance_is_journal_sum(&app, &pg, &account).await;
 }
 
@@ -215,9 +234,12 @@ async fn an_upstream_cut_mid_stream_is_settled_by_the_no_usage_rule() {
     let pg = env.pg().await;
     let settle = wait_settle(&pg, &account).await;
     let spent = 100_000_000 - total(&app, &account).await;
-    assert!(
-        (2_000_000..=2_200_000).contains(&spent),
-        "a cut stream of 20 events cost {spent} µc"
+    // charged = events × price: 20 × 0.1 credit.
+    assert_eq!(
+        spent,
+        20 * 100_000,
+        "a cut stream of 20 events: {:?}",
+        entries(&pg, &account).await
     );
     assert_eq!(settle.2, "no_usage");
 }
@@ -267,7 +289,8 @@ async fn a_websocket_session_is_debited_per_started_step_and_closed_when_credits
     wait_settle(&pg, &account).await;
     let e = entries(&pg, &account).await;
     let extends = e.iter().filter(|x| x.0 == "extend").count();
-    assert!(extends >= 2, "{e:?}");
+    // 0.01 held at the upgrade, 0.01 at the start of seconds 2 and 3; nothing left for 4.
+    assert_eq!(extends, 2, "{e:?}");
     assert_eq!(total(&app, &account).await, 0, "{e:?}");
     assert_caught_up(&env, Some(&app), Duration::from_secs(10)).await;
     assert_balance_is_journal_sum(&app, &pg, &account).await;
@@ -380,11 +403,16 @@ async fn a_long_stream_is_debited_per_started_step_while_open() {
     );
     let pg = env.pg().await;
     wait_settle(&pg, &account).await;
-    // 0.1 + 3 started seconds × 0.1 (a slow machine may make it 4).
+    // 0.1 + each started second of the recorded duration × 0.1 (about 2.75 s: 3 seconds,
+    // more on a slow machine, but never a second the journal does not show).
+    let duration_ms = settle_duration_ms(&pg, &account).await;
+    assert!(duration_ms >= 2750, "the stream lasted {duration_ms} ms");
+    let seconds = (duration_ms + 999) / 1000;
     let spent = 100_000_000 - total(&app, &account).await;
-    assert!(
-        spent == 400_000 || spent == 500_000,
-        "spent {spent} µc: {:?}",
+    assert_eq!(
+        spent,
+        100_000 + seconds * 100_000,
+        "{duration_ms} ms: {:?}",
         entries(&pg, &account).await
     );
 }

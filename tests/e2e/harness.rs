@@ -79,6 +79,10 @@ fn with_database(base: &str, db: &str) -> String {
     url.to_string()
 }
 
+/// How long a test waits for a revoked key to be refused everywhere: the README's 2 s, plus a
+/// margin for a slow, loaded 2-core machine (the test waits on the refusal, not this long).
+pub const REVOKED_WITHIN: Duration = Duration::from_secs(5);
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes; returns the last result.
 pub async fn poll_until<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

@@ -83,15 +83,35 @@ async fn sigkill_mid_load_then_restart_every_debit_journaled_once() {
         "only {} requests answered",
         answered_ok.load(Ordering::SeqCst)
     );
+    // One request surely in flight at the kill: debited, forwarded, its answer 30 s away.
+    let in_flight = {
+        let client = crate::harness::http_client();
+        let url = app.proxy_url("/v1/chat/in-flight/slow?ms=30000");
+        let key = key.clone();
+        tokio::spawn(async move { client.get(url).bearer_auth(key).send().await })
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            up.requests().iter().any(|r| r.path.contains("/in-flight/"))
+        })
+        .await,
+        "the in-flight request did not reach the upstream"
+    );
     app.kill();
     let killed_at = Instant::now();
+    let cut = in_flight.await.unwrap();
+    assert!(
+        cut.is_err(),
+        "the request in flight at the kill was answered: {cut:?}"
+    );
     // What the dead process left in Redis (for the report in a failure message).
     let left = backlog(&env).await;
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.unwrap();
     }
-    let sent = sent.load(Ordering::SeqCst) as i64;
+    // The tasks' requests, and the one in flight at the kill.
+    let sent = sent.load(Ordering::SeqCst) as i64 + 1;
     let ok = answered_ok.load(Ordering::SeqCst) as i64;
     let failed = failed.load(Ordering::SeqCst) as i64;
     // Requests tollgate had forwarded before dying may still be arriving: let them land.
@@ -108,6 +128,12 @@ async fn sigkill_mid_load_then_restart_every_debit_journaled_once() {
         killed_at.elapsed()
     );
     assert!(ok >= KILL_AFTER as i64);
+    // The kill hit a request in flight: it reached the upstream (so it was debited) and was
+    // never answered.
+    assert!(
+        upstream_got > ok,
+        "no request was in flight upstream at the kill: upstream {upstream_got}, 2xx {ok}"
+    );
     assert_eq!(
         j.debits, j.distinct_debit_ids,
         "a debit stored twice: {j:?}"

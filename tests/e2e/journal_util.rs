@@ -67,14 +67,39 @@ pub fn metered_config(env: &TestEnv, upstream_url: &str, claim_idle: u64) -> Con
 // ---------------------------------------------------------------------------------------------
 // Money
 
-/// Micro-credits of a decimal credit amount as the API prints it (`12.5`, `-0.25`, `3`).
+/// Micro-credits of a decimal credit amount as the API prints it (`12.5`, `-0.25`, `3`), in
+/// integers only; also the shortest round-trip form serde_json gives a JSON number (`1e-6`).
+/// More than 6 decimals is a failure, never rounded away.
 pub fn micros_of(text: &str) -> i64 {
     let text = text.trim().trim_matches('"');
+    if let Some((mantissa, exp)) = text.split_once(['e', 'E']) {
+        let exp: i32 = exp
+            .parse()
+            .unwrap_or_else(|_| panic!("not a credit amount: {text:?}"));
+        let (neg, digits) = match mantissa.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, mantissa),
+        };
+        let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        // Shift the decimal point by `exp` in the digit string, then read it as usual.
+        let all = format!("{whole}{frac}");
+        let point = whole.len() as i32 + exp;
+        let plain = if point <= 0 {
+            format!("0.{}{all}", "0".repeat(point.unsigned_abs() as usize))
+        } else if point as usize >= all.len() {
+            format!("{all}{}", "0".repeat(point as usize - all.len()))
+        } else {
+            format!("{}.{}", &all[..point as usize], &all[point as usize..])
+        };
+        let v = micros_of(&plain);
+        return if neg { -v } else { v };
+    }
     let (neg, digits) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),
     };
     let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let frac = frac.trim_end_matches('0');
     assert!(frac.len() <= 6, "more than 6 decimals in {text:?}");
     let whole: i64 = whole
         .parse()
@@ -94,15 +119,15 @@ pub fn micros_of(text: &str) -> i64 {
     }
 }
 
-/// Micro-credits of a JSON number or string. (The API prints exact decimals as JSON numbers;
-/// serde_json reads them as f64, exact enough at six decimals for the amounts used here.)
+/// Micro-credits of a JSON number or string, never through float arithmetic: the API prints
+/// exact decimals as JSON numbers, and serde_json prints a number back as the shortest decimal
+/// that reads as the same value, which is the API's decimal for any amount of up to 15
+/// significant digits; that text is converted in integers.
 pub fn micros(v: &Value) -> i64 {
     match v {
         Value::Number(n) => match n.as_i64() {
             Some(i) => i * 1_000_000,
-            None => {
-                (n.as_f64().unwrap_or_else(|| panic!("not an amount: {v}")) * 1e6).round() as i64
-            }
+            None => micros_of(&n.to_string()),
         },
         Value::String(s) => micros_of(s),
         _ => panic!("not an amount: {v}"),
@@ -165,6 +190,23 @@ pub struct Backlog {
     pub pending: u64,
 }
 
+/// The count of an `XPENDING <stream> <group>` summary. Only a missing stream or group
+/// (`NOGROUP`: nothing was ever read from it) counts as nothing pending; any other error or
+/// reply fails the test rather than passing for an empty backlog.
+pub fn xpending_count(stream: &str, reply: redis::RedisResult<redis::Value>) -> u64 {
+    match reply {
+        Ok(v) => match redis_to_json(v) {
+            Value::Array(parts) => parts
+                .first()
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| panic!("XPENDING {stream}: no count in {parts:?}")),
+            other => panic!("XPENDING {stream}: unexpected reply {other:?}"),
+        },
+        Err(e) if e.code() == Some("NOGROUP") => 0,
+        Err(e) => panic!("XPENDING {stream}: {e}"),
+    }
+}
+
 pub async fn backlog(env: &TestEnv) -> Backlog {
     let mut conn = env.redis().await;
     let streams = all_streams(env);
@@ -175,16 +217,12 @@ pub async fn backlog(env: &TestEnv) -> Backlog {
     let lens: Vec<u64> = pipe.query_async(&mut conn).await.expect("XLEN");
     let mut pending = 0;
     for s in &streams {
-        // XPENDING on a stream without the group is an error: count it as nothing pending.
-        let r: redis::RedisResult<Value> = redis::cmd("XPENDING")
+        let r: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
             .arg(s)
             .arg("tollgate-journal")
             .query_async(&mut conn)
-            .await
-            .map(redis_to_json);
-        if let Ok(Value::Array(parts)) = r {
-            pending += parts.first().and_then(Value::as_u64).unwrap_or(0);
-        }
+            .await;
+        pending += xpending_count(s, r);
     }
     Backlog {
         len: lens.iter().sum(),
@@ -498,4 +536,26 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut up: watch::Receive
         _ = up.wait_for(|up| !*up) => {}
     }
     // Both sockets are dropped (closed) here.
+}
+
+#[test]
+fn credit_amounts_are_read_exactly_in_integers() {
+    assert_eq!(micros_of("12.5"), 12_500_000);
+    assert_eq!(micros_of("-0.25"), -250_000);
+    assert_eq!(micros_of("3"), 3_000_000);
+    assert_eq!(micros_of("0.10"), 100_000);
+    assert_eq!(micros_of("1e-6"), 1);
+    assert_eq!(micros_of("-1.5e-5"), -15);
+    assert_eq!(micros_of("2.5e3"), 2_500_000_000);
+    assert_eq!(micros(&serde_json::json!(0.016667)), 16_667);
+    assert_eq!(micros(&serde_json::json!(0.000001)), 1);
+    assert_eq!(micros(&serde_json::json!(19.8)), 19_800_000);
+    assert_eq!(micros(&serde_json::json!(-7)), -7_000_000);
+    assert_eq!(micros(&serde_json::json!("98.94")), 98_940_000);
+}
+
+#[test]
+#[should_panic(expected = "more than 6 decimals")]
+fn a_sub_micro_credit_amount_is_a_failure_not_rounded() {
+    micros(&serde_json::json!(0.0000005));
 }

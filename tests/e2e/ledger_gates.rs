@@ -97,8 +97,9 @@ features = ["voice"]
     assert_eq!(body["balance"]["purchased"].to_string(), "1.5", "{body}");
     let r = get_ok(&a, &key, "/v1/chat/completions").await;
     assert_eq!(r.remaining().as_deref(), Some("50.5"));
-    // The other instance had the old tier cached: it follows within moments.
-    let ok = poll_until(Duration::from_secs(2), || async {
+    // The other instance had the old tier cached: it follows within moments (waited for
+    // with a margin for a slow machine).
+    let ok = poll_until(Duration::from_secs(5), || async {
         get(&b, &key, "/v1/chat/completions").await.status == 200
     })
     .await;
@@ -181,10 +182,13 @@ rate_per_second = 2
     let mut limited = 0;
     // Eight at once: far more than 2 per second, whatever the machine's speed.
     let client = http_client_no_pool();
+    let started = std::time::Instant::now();
     let answers = futures_util::future::join_all(
         (0..8).map(|_| call_with(&client, &app, &key, Method::GET, "/v1/x")),
     )
     .await;
+    // The window the limiter saw is within this one: a burst of 2, then one more every 500 ms.
+    let window = started.elapsed();
     for r in answers {
         if r.status == 200 {
             ok += 1;
@@ -200,6 +204,11 @@ rate_per_second = 2
         limited += 1;
     }
     assert!(ok >= 2, "the burst of 2 is allowed ({ok} passed)");
+    let replenished = (window.as_millis() / 500) as usize;
+    assert!(
+        ok <= 2 + replenished,
+        "{ok} of 8 passed in {window:?}: more than the burst of 2 plus {replenished} at 2/s"
+    );
     assert!(
         limited >= 1,
         "8 requests at once are not all allowed at 2/s"
@@ -265,7 +274,7 @@ async fn max_concurrent_one_and_the_lease_is_released_on_completion_and_disconne
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "slow:1500");
     // Released when the request ends.
-    let ok = poll_until(Duration::from_secs(3), || async {
+    let ok = poll_until(Duration::from_secs(5), || async {
         call_with(&client, &app, &key, Method::GET, "/v1/fast")
             .await
             .status
@@ -415,21 +424,25 @@ max_request_mb = 1
             assert_eq!(status, 413, "{body}");
             assert_eq!(body["error"], "payload_too_large", "{body}");
         }
-        // Tollgate may close the connection while the client is still sending.
-        Err(e) => eprintln!("chunked upload ended with a client error: {e}"),
+        // Tollgate may answer 413 and close while the client is still sending: the client
+        // then sees the connection go, not a timeout (the metric below shows the refusal).
+        Err(e) => assert!(
+            !e.is_timeout() && (e.is_request() || e.is_body()),
+            "the chunked upload failed otherwise: {e:?}"
+        ),
     }
     wait_total(&app, &account, "9").await;
     // And stays there (no late charge).
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(total(&app, &account).await, "9");
     let text = app.metrics_text().await;
-    assert!(
+    assert_eq!(
         metric_value(
             &text,
             "tollgate_plan_rejections_total",
             &[("reason", "payload_too_large")]
-        )
-        .is_some_and(|v| v >= 1.0),
-        "{text}"
+        ),
+        Some(2.0),
+        "the declared and the chunked over-limit bodies: {text}"
     );
 }

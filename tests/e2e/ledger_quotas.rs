@@ -3,7 +3,9 @@
 //! nothing, and reset with their window (the next hour, the next billing period).
 
 use crate::harness::TestEnv;
-use crate::ledger_util::{end_period, get, get_ok, hset, total, unix_now, Answer};
+use crate::ledger_util::{
+    clear_of_the_hour_end, end_period, get, get_ok, hset, total, unix_now, Answer,
+};
 use crate::upstream::FakeUpstream;
 
 fn assert_quota(a: &Answer, quota: &str, limit: u64, max_retry_after: i64) -> i64 {
@@ -32,6 +34,8 @@ fn assert_quota(a: &Answer, quota: &str, limit: u64, max_retry_after: i64) -> i6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_hour_quota_and_the_next_hour() {
+    // The calls are counted in one clock hour (the Retry-After is checked against its end).
+    clear_of_the_hour_end(60).await;
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let config = env.config().toml(format!(

