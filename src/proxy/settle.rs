@@ -387,7 +387,7 @@ refund_on = []
             refund,
             ..Metered::default()
         };
-        let (cost, reason, _) = true_cost(&mut m, &hold, body, Some(status));
+        let (cost, reason, _) = true_cost(&mut m, &hold, body, Some(status), 0);
         (cost, reason)
     }
 
