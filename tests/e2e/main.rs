@@ -60,3 +60,4 @@ mod cluster;
 mod loadtest;
 mod openapi;
 mod tls_upstream;
+mod walkthrough;
