@@ -286,12 +286,14 @@ impl DemoStores {
     }
 
     async fn admin_pool(&self) -> anyhow::Result<sqlx::PgPool> {
-        sqlx::PgPool::connect(&self.admin_pg).await.with_context(|| {
-            format!(
-                "cannot reach Postgres at {} (run scripts/setup)",
-                crate::server::redact(&self.admin_pg)
-            )
-        })
+        sqlx::PgPool::connect(&self.admin_pg)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach Postgres at {} (run scripts/setup)",
+                    crate::server::redact(&self.admin_pg)
+                )
+            })
     }
 
     async fn database_exists(&self, pool: &sqlx::PgPool) -> anyhow::Result<bool> {

@@ -85,7 +85,10 @@ async fn the_walkthrough_test_fails_without_the_demo_upstream() {
     );
     assert!(report.contains("upstream_unavailable"), "{report}");
     // It still cleaned up after itself.
-    assert!(report.contains("ok: the clean-up dropped the database"), "{report}");
+    assert!(
+        report.contains("ok: the clean-up dropped the database"),
+        "{report}"
+    );
 }
 
 /// `tollgate demo` keeps its database and Redis keys between runs; `tollgate demo --clean`
