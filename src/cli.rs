@@ -41,7 +41,11 @@ enum Command {
     },
     /// Start everything on the local Redis and Postgres with a bundled demo upstream, a demo
     /// account and key, and print curl commands to try.
-    Demo,
+    Demo {
+        /// Instead: drop the demo's database and delete its Redis keys (what a run leaves).
+        #[arg(long)]
+        clean: bool,
+    },
     /// Serve only the bundled OpenAI-style demo model (what `demo` proxies to), e.g. as the
     /// upstream of a compose or Kubernetes trial deployment.
     DemoUpstream {
@@ -160,7 +164,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
+        Command::Demo { clean: true } => {
+            runtime(1)?.block_on(crate::demo::clean())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { clean: false } => {
             runtime(0)?.block_on(crate::demo::run())?;
             Ok(ExitCode::SUCCESS)
         }

@@ -145,6 +145,7 @@ async fn free_addr(preferred: u16) -> SocketAddr {
 fn demo_config(
     pg_url: &str,
     redis_url: &str,
+    prefix: &str,
     upstream: SocketAddr,
     proxy: SocketAddr,
     admin: SocketAddr,
@@ -160,7 +161,7 @@ shutdown_grace_seconds = 5
 
 [redis]
 url = "{redis_url}"
-key_prefix = "tgdemo"
+key_prefix = "{prefix}"
 shards = 8
 
 [postgres]
@@ -222,31 +223,186 @@ fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
     Ok(u.to_string())
 }
 
-pub async fn run() -> anyhow::Result<()> {
-    let admin_pg = std::env::var("TOLLGATE_DEMO_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let redis_url = std::env::var("TOLLGATE_DEMO_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+/// Where the demo keeps its state: a database and a Redis key prefix of its own on the local
+/// servers, so `tollgate demo --clean` can remove exactly that. The names can be overridden
+/// (`TOLLGATE_DEMO_DB`, `TOLLGATE_DEMO_PREFIX`) so tests run the demo without touching a
+/// developer's.
+struct DemoStores {
+    admin_pg: String,
+    redis_url: String,
+    db: String,
+    prefix: String,
+}
 
-    // The demo database.
-    let admin_pool = sqlx::PgPool::connect(&admin_pg).await.with_context(|| {
+const DEFAULT_DB: &str = "tollgate_demo";
+const DEFAULT_PREFIX: &str = "tgdemo";
+
+/// An environment variable, or `default` when it is unset or empty.
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+impl DemoStores {
+    fn from_env() -> anyhow::Result<Self> {
+        let stores = DemoStores {
+            admin_pg: env_or(
+                "TOLLGATE_DEMO_PG_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            redis_url: env_or("TOLLGATE_DEMO_REDIS_URL", "redis://127.0.0.1:6379"),
+            db: env_or("TOLLGATE_DEMO_DB", DEFAULT_DB),
+            prefix: env_or("TOLLGATE_DEMO_PREFIX", DEFAULT_PREFIX),
+        };
+        // Both end up in SQL and in SCAN patterns: plain names only.
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        anyhow::ensure!(
+            plain(&stores.db),
+            "TOLLGATE_DEMO_DB={:?}: use lowercase letters, digits and _",
+            stores.db
+        );
+        anyhow::ensure!(
+            plain(&stores.prefix),
+            "TOLLGATE_DEMO_PREFIX={:?}: use lowercase letters, digits and _",
+            stores.prefix
+        );
+        Ok(stores)
+    }
+
+    /// Where the demo writes its generated config (one directory per prefix).
+    fn config_dir(&self) -> std::path::PathBuf {
+        if self.prefix == DEFAULT_PREFIX {
+            std::env::temp_dir().join("tollgate-demo")
+        } else {
+            std::env::temp_dir().join(format!("tollgate-demo-{}", self.prefix))
+        }
+    }
+
+    async fn admin_pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        sqlx::PgPool::connect(&self.admin_pg)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach Postgres at {} (run scripts/setup)",
+                    crate::server::redact(&self.admin_pg)
+                )
+            })
+    }
+
+    async fn database_exists(&self, pool: &sqlx::PgPool) -> anyhow::Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&self.db)
+                .fetch_one(pool)
+                .await?,
+        )
+    }
+}
+
+/// `tollgate demo --clean`: drops the demo's database and deletes its Redis keys (its prefix
+/// only, found with SCAN so a busy Redis is not blocked), then says what it removed. Stop the
+/// demo first: a running one keeps its database open and writes keys again.
+pub async fn clean() -> anyhow::Result<()> {
+    let stores = DemoStores::from_env()?;
+
+    let pool = stores.admin_pool().await?;
+    if stores.database_exists(&pool).await? {
+        sqlx::query(&format!("DROP DATABASE \"{}\"", stores.db))
+            .execute(&pool)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot drop database {} (is `tollgate demo` still running? stop it first)",
+                    stores.db
+                )
+            })?;
+        println!("dropped the Postgres database {}", stores.db);
+    } else {
+        println!("no Postgres database {} (nothing to drop)", stores.db);
+    }
+    pool.close().await;
+
+    let client = redis::Client::open(stores.redis_url.as_str()).with_context(|| {
         format!(
-            "cannot reach Postgres at {} (run scripts/setup)",
-            crate::server::redact(&admin_pg)
+            "TOLLGATE_DEMO_REDIS_URL={} is not a Redis URL",
+            crate::server::redact(&stores.redis_url)
         )
     })?;
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tollgate_demo')",
-    )
-    .fetch_one(&admin_pool)
-    .await?;
-    if !exists {
-        sqlx::query("CREATE DATABASE tollgate_demo")
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Redis at {} (run scripts/setup)",
+                crate::server::redact(&stores.redis_url)
+            )
+        })?;
+    let mut deleted = 0usize;
+    // Every key tollgate writes is `<prefix>:…` or hash-tagged `{<prefix>:…}…`.
+    for pattern in [
+        format!("{}:*", stores.prefix),
+        format!("{{{}:*", stores.prefix),
+    ] {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let n: usize = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
+                deleted += n;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    println!(
+        "deleted {deleted} Redis key{} with the prefix {} ({}:* and {{{}:*)",
+        if deleted == 1 { "" } else { "s" },
+        stores.prefix,
+        stores.prefix,
+        stores.prefix
+    );
+
+    let dir = stores.config_dir();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+        println!("removed {}", dir.display());
+    }
+    Ok(())
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let stores = DemoStores::from_env()?;
+    let redis_url = stores.redis_url.clone();
+
+    // The demo database.
+    let admin_pool = stores.admin_pool().await?;
+    if !stores.database_exists(&admin_pool).await? {
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", stores.db))
             .execute(&admin_pool)
             .await?;
     }
     admin_pool.close().await;
-    let pg_url = with_database(&admin_pg, "tollgate_demo")?;
+    let pg_url = with_database(&stores.admin_pg, &stores.db)?;
 
     // The bundled upstream.
     let upstream_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -258,8 +414,16 @@ pub async fn run() -> anyhow::Result<()> {
     let proxy = free_addr(8080).await;
     let admin = free_addr(8081).await;
     let metrics = free_addr(9091).await;
-    let text = demo_config(&pg_url, &redis_url, upstream_addr, proxy, admin, metrics);
-    let dir = std::env::temp_dir().join("tollgate-demo");
+    let text = demo_config(
+        &pg_url,
+        &redis_url,
+        &stores.prefix,
+        upstream_addr,
+        proxy,
+        admin,
+        metrics,
+    );
+    let dir = stores.config_dir();
     std::fs::create_dir_all(&dir)?;
     let config_path = dir.join("tollgate.toml");
     std::fs::write(&config_path, &text)?;
@@ -329,7 +493,8 @@ The demo account "demo" is on tier "demo": 5 credits a month, 1 credit per chat 
   curl -si {p}/tokens/v1/chat/completions -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
     -d '{{"model":"demo-1","messages":[{{"role":"user","content":"price me by tokens"}}]}}'
 
-  # 5. Spend the rest: once the balance is gone, calls answer 402 insufficient_credits
+  # 5. Spend the rest: once the balance cannot pay for the next call (1 credit), calls answer
+  #    402 insufficient_credits, even with a fraction of a credit still left
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' {p}/v1/chat/completions \
     -H "Authorization: Bearer $KEY" -H 'content-type: application/json' -d '{{"messages":[]}}'; done
   curl -s {p}/v1/chat/completions -H "Authorization: Bearer $KEY" -d '{{}}'
@@ -340,9 +505,12 @@ The demo account "demo" is on tier "demo": 5 credits a month, 1 credit per chat 
   curl -s '{a}/v1/accounts/demo/usage?group_by=route' -H "Authorization: Bearer {admin_token}"
   curl -s '{a}/v1/accounts/demo/ledger?limit=5' -H "Authorization: Bearer {admin_token}"
 
-Stop with Ctrl-C.
+Stop with Ctrl-C. The demo keeps its database {db} and its Redis keys ({prefix}:*, {{{prefix}:*)
+between runs; `tollgate demo --clean` (or `scripts/demo --clean`) removes them.
 "#,
-        config = config_path.display()
+        config = config_path.display(),
+        db = stores.db,
+        prefix = stores.prefix,
     );
     crate::server::serve(config, crate::server::ServeOptions { migrate: false })
         .await

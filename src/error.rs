@@ -7,6 +7,15 @@ use serde_json::{json, Map, Value};
 
 use crate::money::Credits;
 
+/// `1 credit`, `0.5 credits`, `2 credits`: the message is read by people.
+fn credits_amount(c: Credits) -> String {
+    if c.micros() == crate::money::MICROS_PER_CREDIT {
+        "1 credit".into()
+    } else {
+        format!("{c} credits")
+    }
+}
+
 /// Errors the proxy answers itself instead of forwarding.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -29,7 +38,10 @@ pub enum GatewayError {
         required_tier: Option<String>,
     },
 
-    #[error("this request costs {required} credits and the balance is {remaining}")]
+    #[error(
+        "this request costs {} and the balance is {remaining}",
+        credits_amount(*.required)
+    )]
     InsufficientCredits {
         remaining: Credits,
         required: Credits,
@@ -259,6 +271,19 @@ mod tests {
         assert_eq!(body["credits_remaining"].to_string(), "0.3");
         assert_eq!(body["credits_required"].to_string(), "1");
         assert_eq!(body["tier"], "free");
+        assert_eq!(
+            body["message"],
+            "this request costs 1 credit and the balance is 0.3"
+        );
+        let two = GatewayError::InsufficientCredits {
+            remaining: Credits::parse("1.5").unwrap(),
+            required: Credits::parse("2").unwrap(),
+            tier: "free".into(),
+        };
+        assert_eq!(
+            two.to_string(),
+            "this request costs 2 credits and the balance is 1.5"
+        );
     }
 
     #[test]

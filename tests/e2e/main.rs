@@ -61,3 +61,4 @@ mod cluster;
 mod loadtest;
 mod openapi;
 mod tls_upstream;
+mod walkthrough;
