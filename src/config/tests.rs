@@ -304,7 +304,7 @@ fn a_bad_element_of_an_array_of_tables_keeps_later_indices_right() {
     assert!(err.contains("routes[1].cost:"), "{err}");
     let color = line_containing(&text, "color");
     assert!(
-        err.contains(&format!("routes[2].color: unknown field `color`"))
+        err.contains("routes[2].color: unknown field `color`")
             && err.contains(&format!("(line {color})")),
         "{err}"
     );
