@@ -74,6 +74,16 @@ pub struct Metrics {
     pub journal_batch_seconds: Histogram,
     /// Entries waiting in the shard streams (the flush lag), sampled.
     pub journal_backlog: IntGauge,
+    /// Age of the oldest entry still in a shard stream (from its stream id's timestamp), 0
+    /// when they are empty: how long the journal has been waiting for Postgres.
+    pub journal_backlog_oldest_seconds: IntGauge,
+    /// 1 while Postgres answers, 0 while it does not (the data plane goes on from Redis).
+    pub postgres_up: IntGauge,
+    /// Failed attempts to reach Postgres by the background probe.
+    pub postgres_connect_failures: IntCounter,
+    /// Unix seconds since which Postgres has been unreachable, 0 while it answers (for
+    /// `/readyz`'s body; not exported).
+    pub postgres_down_since: std::sync::atomic::AtomicI64,
     /// Flusher failures by cause (postgres, redis, bad_entry).
     pub journal_errors: IntCounterVec,
     /// Holds settled, by the rule that priced them (usage, no_usage, refund reasons, ...).
@@ -161,7 +171,27 @@ impl Metrics {
             "Journal entries waiting in Redis streams (flush lag)",
         )?;
         r.register(Box::new(journal_backlog.clone()))?;
+        let journal_backlog_oldest_seconds = IntGauge::new(
+            "tollgate_journal_backlog_oldest_seconds",
+            "Age of the oldest journal entry still waiting in a Redis stream (0: none)",
+        )?;
+        r.register(Box::new(journal_backlog_oldest_seconds.clone()))?;
+        // Down until the first probe answers: a process that never reached Postgres says so.
+        let postgres_up = IntGauge::new(
+            "tollgate_postgres_up",
+            "1 while Postgres answers, 0 while it does not",
+        )?;
+        r.register(Box::new(postgres_up.clone()))?;
+        let postgres_connect_failures = IntCounter::new(
+            "tollgate_postgres_connect_failures_total",
+            "Failed attempts to reach Postgres",
+        )?;
+        r.register(Box::new(postgres_connect_failures.clone()))?;
         let m = Metrics {
+            journal_backlog_oldest_seconds,
+            postgres_up,
+            postgres_connect_failures,
+            postgres_down_since: std::sync::atomic::AtomicI64::new(0),
             journal_errors: counter(
                 &r,
                 "tollgate_journal_flush_errors_total",

@@ -83,6 +83,132 @@ pub async fn connect_postgres(config: &Config, migrate: bool) -> Result<sqlx::Pg
     Ok(pool)
 }
 
+/// How long a caller waits for a Postgres connection: an admin call during an outage answers
+/// 503 `store_unavailable` after this, instead of hanging.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often Postgres is probed while it is down, and while it answers.
+const PG_PROBE_DOWN_EVERY: Duration = Duration::from_secs(1);
+const PG_PROBE_UP_EVERY: Duration = Duration::from_secs(5);
+
+/// A pool that connects on first use, so `serve` starts (and the data plane serves from
+/// Redis) while Postgres is down: its users get errors until it is back. Only a URL that does
+/// not parse stops the start.
+pub fn lazy_postgres(config: &Config) -> Result<sqlx::PgPool, StartError> {
+    let options: sqlx::postgres::PgConnectOptions = config
+        .postgres
+        .url
+        .parse()
+        .map_err(|e| StartError::Postgres(format!("{} ({e})", redact(&config.postgres.url))))?;
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.postgres.max_connections)
+        .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.application_name("tollgate")))
+}
+
+/// Why Postgres cannot be reached, in the server's or the OS's words: the pool only says it
+/// timed out, so one direct connection attempt is made to tell "down" from "wrong URL".
+async fn pg_reason(url: &str, pool_error: &sqlx::Error) -> String {
+    use sqlx::Connection;
+    let attempt = tokio::time::timeout(PG_ACQUIRE_TIMEOUT, sqlx::PgConnection::connect(url)).await;
+    match attempt {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            pool_error.to_string()
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {PG_ACQUIRE_TIMEOUT:?} ({pool_error})"),
+    }
+}
+
+/// Probes Postgres in the background: keeps `tollgate_postgres_up` and the failure counter,
+/// logs once when it goes missing and once when it is back (not every retry), applies the
+/// migrations (with `migrate`) as soon as it answers, and then sets `ready`, which the tasks
+/// that need the schema (flusher, partition maintenance, reconciler, unanswered debits)
+/// wait for.
+async fn watch_postgres(
+    pg: sqlx::PgPool,
+    url: String,
+    migrate: bool,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let mut outage_logged = false;
+    let mut migrate_failure_logged = false;
+    let mut migrated = !migrate;
+    loop {
+        let probe = tokio::time::timeout(
+            PG_ACQUIRE_TIMEOUT * 2,
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&pg),
+        )
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+        let wait = match probe {
+            Ok(_) => {
+                if outage_logged {
+                    tracing::warn!("Postgres is back; the journal catches up");
+                    outage_logged = false;
+                }
+                metrics.postgres_up.set(1);
+                metrics.postgres_down_since.store(0, Ordering::Relaxed);
+                if !migrated {
+                    match crate::store::migrate(&pg).await {
+                        Ok(()) => {
+                            migrated = true;
+                            tracing::info!("migrations applied");
+                        }
+                        Err(e) if !migrate_failure_logged => {
+                            migrate_failure_logged = true;
+                            tracing::error!(error = %e, "cannot apply migrations; retrying in the background");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if migrated {
+                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                    PG_PROBE_UP_EVERY
+                } else {
+                    PG_PROBE_DOWN_EVERY
+                }
+            }
+            Err(e) => {
+                metrics.postgres_connect_failures.inc();
+                metrics.postgres_up.set(0);
+                let now = chrono::Utc::now().timestamp();
+                let _ = metrics.postgres_down_since.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                if !outage_logged {
+                    outage_logged = true;
+                    let reason = pg_reason(&url, &e).await;
+                    tracing::warn!(
+                        url = %redact(&url),
+                        %reason,
+                        "Postgres unavailable: serving from Redis; the journal waits in Redis; retrying in the background"
+                    );
+                }
+                PG_PROBE_DOWN_EVERY
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Waits until Postgres is reachable and migrated; `false` when stopped first.
+pub async fn postgres_ready(ready: &mut watch::Receiver<bool>, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        r = ready.wait_for(|r| *r) => r.is_ok(),
+    }
+}
+
 /// Hides a password in a URL before it is printed (also in a cluster URL's node list, which
 /// is not one URL to a parser).
 pub fn redact(url: &str) -> String {
@@ -114,8 +240,21 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError> {
     config.require_secrets()?;
     let config = Arc::new(config);
-    let pg = connect_postgres(&config, opts.migrate).await?;
+    // Redis is the data plane: without it there is nothing to serve. Postgres is not: the
+    // pool connects lazily and the tasks that need it wait for it (see `watch_postgres`).
+    let pg = lazy_postgres(&config)?;
     let (redis_target, redis) = connect_redis(&config.redis).await?;
+    // Postgres up at start: migrate before serving, as ever (a failing migration stops the
+    // start). Down: serve anyway; `watch_postgres` migrates once it answers.
+    let pg_answers = tokio::time::timeout(
+        PG_ACQUIRE_TIMEOUT * 2,
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&pg),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if pg_answers && opts.migrate {
+        crate::store::migrate(&pg).await?;
+    }
 
     let state = Arc::new(AppState {
         snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::clone(&config))),
@@ -160,6 +299,16 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let stop = CancellationToken::new();
     let background = TaskTracker::new();
 
+    let (pg_ready_tx, pg_ready) = watch::channel(false);
+    background.spawn(watch_postgres(
+        state.pg.clone(),
+        config.postgres.url.clone(),
+        opts.migrate && !pg_answers,
+        Arc::clone(&state.metrics),
+        pg_ready_tx,
+        stop.clone(),
+    ));
+
     background.spawn(crate::auth::invalidation::listen(
         redis_target,
         config.redis.key_prefix.clone(),
@@ -183,24 +332,37 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         metrics: Arc::clone(&state.metrics),
         on_flushed: crate::stripe::alerts::start(Arc::clone(&state), &background),
         retry_streams: Default::default(),
+        pg_ready: Some(pg_ready.clone()),
     };
     let flusher_task = tokio::spawn(flusher.run(journal_stop.clone()));
 
     // The journal's monthly partitions ahead of time, and retention (hourly).
-    background.spawn(crate::journal::partitions::run_maintenance(
-        state.pg.clone(),
-        state.redis.clone(),
-        crate::journal::partitions::MaintenanceSettings::from_config(&config),
-        Some(Arc::clone(&state.metrics)),
-        stop.clone(),
-    ));
+    background.spawn({
+        let maintenance = crate::journal::partitions::run_maintenance(
+            state.pg.clone(),
+            state.redis.clone(),
+            crate::journal::partitions::MaintenanceSettings::from_config(&config),
+            Some(Arc::clone(&state.metrics)),
+            stop.clone(),
+        );
+        let (mut ready, stop) = (pg_ready.clone(), stop.clone());
+        async move {
+            if postgres_ready(&mut ready, &stop).await {
+                maintenance.await;
+            }
+        }
+    });
 
     // Credits recorded in Postgres that Redis lost (a failover) are applied again.
     let reconcile_state = Arc::clone(&state);
     background.spawn({
         let stop = stop.clone();
         let every = Duration::from_secs(config.journal.reconcile_after_seconds);
+        let mut ready = pg_ready.clone();
         async move {
+            if !postgres_ready(&mut ready, &stop).await {
+                return;
+            }
             let s = &reconcile_state;
             crate::ledger::reconcile::run(
                 &s.ledger,
@@ -221,7 +383,11 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         // Stopped with the flusher, after the in-flight requests: a debit noted while they
         // drain is still stored for another instance.
         let stop = journal_stop.clone();
+        let mut ready = pg_ready.clone();
         async move {
+            if !postgres_ready(&mut ready, &stop).await {
+                return;
+            }
             let s = &unanswered_state;
             crate::ledger::unanswered::run(
                 &s.unanswered,

@@ -22,6 +22,10 @@ pub enum AdminError {
     UnknownTier(String),
     #[error("a backing store is unavailable")]
     Unavailable(String),
+    /// Postgres does not answer (down, or the schema not migrated yet): the call needs it,
+    /// the data plane does not. Answered within the pool's short acquire timeout.
+    #[error("Postgres is unavailable; this call needs it (the proxy keeps serving from Redis), retry later")]
+    PostgresUnavailable(String),
     #[error("internal error")]
     Internal(String),
     /// Stripe refused a call, failed, or did not answer in time (the message says which).
@@ -42,7 +46,9 @@ impl AdminError {
             AdminError::BadRequest(_) | AdminError::UnknownTier(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) | AdminError::SeatLimit { .. } => StatusCode::CONFLICT,
-            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Unavailable(_) | AdminError::PostgresUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Stripe(_) => StatusCode::BAD_GATEWAY,
             AdminError::StripeNotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,7 +64,7 @@ impl AdminError {
             AdminError::Conflict(_) => "conflict",
             AdminError::SeatLimit { .. } => "seat_limit_reached",
             AdminError::UnknownTier(_) => "unknown_tier",
-            AdminError::Unavailable(_) => "store_unavailable",
+            AdminError::Unavailable(_) | AdminError::PostgresUnavailable(_) => "store_unavailable",
             AdminError::Internal(_) => "internal_error",
             AdminError::Stripe(_) => "stripe_error",
             AdminError::StripeNotConfigured(_) => "stripe_not_configured",
@@ -69,12 +75,34 @@ impl AdminError {
 
 impl From<sqlx::Error> for AdminError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                AdminError::Unavailable(e.to_string())
-            }
-            other => AdminError::Internal(other.to_string()),
+        if postgres_unreachable(&e) {
+            AdminError::PostgresUnavailable(e.to_string())
+        } else {
+            AdminError::Internal(e.to_string())
         }
+    }
+}
+
+/// Errors that mean "Postgres cannot be used now" rather than a bug: no connection (down, a
+/// wrong URL, refused credentials, a missing database), shutting down, or the schema not
+/// migrated yet (it is, in the background, once Postgres answers).
+fn postgres_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 28: invalid authorization, 3D000: no such database,
+            // 57P0x: shutting down / cannot connect now, 53300: too many connections,
+            // 42P01: undefined table (before the migrations ran).
+            code.starts_with("08")
+                || code.starts_with("28")
+                || code.starts_with("57P0")
+                || matches!(code.as_ref(), "3D000" | "53300" | "42P01")
+        }),
+        _ => false,
     }
 }
 
@@ -87,6 +115,10 @@ impl From<redis::RedisError> for AdminError {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         match &self {
+            AdminError::PostgresUnavailable(detail) => {
+                // Expected during an outage (the probe logs it once): not an error per call.
+                tracing::debug!(code = self.code(), %detail, "admin request needs Postgres");
+            }
             AdminError::Unavailable(detail) | AdminError::Internal(detail) => {
                 tracing::error!(code = self.code(), %detail, "admin request failed");
             }
@@ -95,7 +127,10 @@ impl IntoResponse for AdminError {
             }
             _ => {}
         }
-        let body = json!({"error": self.code(), "message": self.to_string()});
+        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        if let AdminError::PostgresUnavailable(_) = self {
+            body["dependency"] = json!("postgres");
+        }
         (self.status(), Json(body)).into_response()
     }
 }

@@ -45,6 +45,10 @@ pub struct Flusher {
     /// Streams whose reads failed: their own pending list is read back (from id 0) until it
     /// comes back empty, while the other streams go on with new entries.
     pub retry_streams: HashSet<String>,
+    /// `true` once Postgres answers and is migrated (None: assume it is). Until then nothing
+    /// is read from the streams (so nothing is delivered to, or acknowledged by, this
+    /// consumer); the backlog is still sampled.
+    pub pg_ready: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A hook called with each committed batch.
@@ -298,22 +302,57 @@ impl Flusher {
         Ok(())
     }
 
+    /// The backlog's size (XLEN) and age (the oldest entry's id: entries are deleted once
+    /// written, so the first one left is the oldest unwritten one), one pipeline per shard.
     async fn sample_backlog(&mut self) {
-        let lens = streams(&self.prefix, self.shards)
+        let samples = streams(&self.prefix, self.shards)
             .into_iter()
             .map(|stream| {
                 let mut conn = self.redis.clone();
                 async move {
-                    redis::cmd("XLEN")
-                        .arg(stream)
-                        .query_async::<i64>(&mut conn)
-                        .await
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("XLEN").arg(&stream);
+                    pipe.cmd("XRANGE")
+                        .arg(&stream)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1);
+                    pipe.query_async::<(i64, Value)>(&mut conn).await
                 }
             });
-        let lens: redis::RedisResult<Vec<i64>> = join_all(lens).await.into_iter().collect();
-        if let Ok(lens) = lens {
-            self.metrics.journal_backlog.set(lens.iter().sum());
+        let samples: redis::RedisResult<Vec<(i64, Value)>> =
+            join_all(samples).await.into_iter().collect();
+        let Ok(samples) = samples else { return };
+        self.metrics
+            .journal_backlog
+            .set(samples.iter().map(|(len, _)| len).sum());
+        let oldest_ms = samples
+            .iter()
+            .filter_map(|(_, first)| first_id_millis(first))
+            .min();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let age = oldest_ms.map_or(0, |ms| ((now_ms - ms) / 1000).max(0));
+        self.metrics.journal_backlog_oldest_seconds.set(age);
+    }
+
+    /// Waits while Postgres is not ready yet, sampling the backlog; `true` when stopped.
+    async fn wait_for_postgres(&mut self, stop: &CancellationToken) -> bool {
+        let Some(mut ready) = self.pg_ready.clone() else {
+            return false;
+        };
+        while !*ready.borrow_and_update() {
+            self.sample_backlog().await;
+            tokio::select! {
+                _ = stop.cancelled() => return true,
+                _ = ready.changed() => {}
+                _ = tokio::time::sleep(BACKLOG_EVERY) => {}
+            }
         }
+        false
     }
 
     /// Runs until `stop`, then makes a last attempt to flush what it holds.
@@ -330,6 +369,9 @@ impl Flusher {
                     }
                 }
             }
+        }
+        if self.wait_for_postgres(&stop).await {
+            return;
         }
         let mut in_hand: Option<Batch> = None;
         let mut read_pending = true;
@@ -451,6 +493,22 @@ impl Flusher {
             }
         }
     }
+}
+
+/// The millisecond timestamp of the first entry of an XRANGE reply (`[[id, fields]]`).
+fn first_id_millis(reply: &Value) -> Option<i64> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    let Value::Array(entry) = items.first()? else {
+        return None;
+    };
+    let id = match entry.first()? {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    id.split_once('-')?.0.parse().ok()
 }
 
 /// Whether a command (or any command of a pipeline) failed because a stream or the consumer

@@ -61,7 +61,12 @@ pub async fn authenticate(
         state.caches.resolve_key(&state.pg, &token).await
     } else if let (Some(jwt), true) = (&snap.jwt, JwtVerifier::looks_like_jwt(&token)) {
         match jwt.verify(&token) {
-            Ok(account) => state.caches.resolve_account(&state.pg, &account).await,
+            Ok(account) => match state.caches.resolve_account(&state.pg, &account).await {
+                Err(AuthError::Store(e)) => account_from_redis(state, &account)
+                    .await
+                    .ok_or(AuthError::Store(e)),
+                resolved => resolved,
+            },
             Err(e) => Err(AuthError::Invalid(e.to_string())),
         }
     } else {
@@ -90,4 +95,19 @@ pub async fn authenticate(
             Err(GatewayError::InvalidCredentials)
         }
     }
+}
+
+/// A verified JWT's account while Postgres is unreachable: its tier and status as Redis holds
+/// them (kept there by every tier and status change), so a fresh instance serves JWT callers
+/// of known accounts through a Postgres outage. `None` when Redis does not know the account
+/// either (its hydration needs Postgres).
+async fn account_from_redis(state: &AppState, account_id: &str) -> Option<Identity> {
+    let mut conn = state.redis.clone();
+    let live = state.ledger.state(&mut conn, account_id).await.ok()??;
+    Some(Identity {
+        account_id: account_id.to_string(),
+        key_id: None,
+        tier: live.tier,
+        status: live.status,
+    })
 }

@@ -56,7 +56,10 @@ async fn health_token_and_errors() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = raw(&app, Method::GET, "/readyz", None, None).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body, json!({"redis": true, "postgres": true}));
+    assert_eq!(
+        body,
+        json!({"status": "ok", "redis": true, "postgres": true})
+    );
 
     // No token, a wrong one, another scheme: 401 JSON.
     let token = app.admin_token().to_string();

@@ -45,6 +45,7 @@ mod journal_shutdown;
 mod journal_throughput;
 mod journal_usage;
 mod journal_util;
+mod pg_outage_start;
 
 mod fake_stripe;
 mod stripe_alerts;
