@@ -544,3 +544,28 @@ impl FlushError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    fn entry(id: &str) -> Value {
+        Value::Array(vec![
+            Value::BulkString(id.as_bytes().to_vec()),
+            Value::Array(vec![]),
+        ])
+    }
+
+    #[test]
+    fn the_backlog_age_comes_from_the_first_entry_id() {
+        let reply = Value::Array(vec![entry("1796245592981-3")]);
+        assert_eq!(super::first_id_millis(&reply), Some(1_796_245_592_981));
+        // An empty stream, or a reply of another shape: no age.
+        assert_eq!(super::first_id_millis(&Value::Array(vec![])), None);
+        assert_eq!(super::first_id_millis(&Value::Nil), None);
+        assert_eq!(
+            super::first_id_millis(&Value::Array(vec![entry("garbage")])),
+            None
+        );
+    }
+}
