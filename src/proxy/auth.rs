@@ -1,5 +1,5 @@
 //! Phase 2 — who is calling. Reads `Authorization: Bearer …` or `X-Api-Key: …`; a `tg_` key is
-//! resolved through the in-process cache, anything JWT-shaped is verified when JWT is enabled.
+//! resolved through the in-process cache, then Redis, then Postgres, anything JWT-shaped is verified when JWT is enabled.
 //! The reason for a refusal is logged, never the credential.
 
 use pingora::proxy::Session;
@@ -58,7 +58,15 @@ pub async fn authenticate(
         return Err(GatewayError::MissingCredentials);
     };
     let result = if crate::auth::keys::looks_like_key(&token) {
-        state.caches.resolve_key(&state.pg, &token).await
+        let index = crate::auth::redis_keys::KeyIndex::new(
+            &snap.config.redis.key_prefix,
+            snap.config.redis.shards,
+        );
+        let mut redis = state.redis.clone();
+        state
+            .caches
+            .resolve_key(&state.pg, &mut redis, &index, &token)
+            .await
     } else if let (Some(jwt), true) = (&snap.jwt, JwtVerifier::looks_like_jwt(&token)) {
         match jwt.verify(&token) {
             Ok(account) => state.caches.resolve_account(&state.pg, &account).await,

@@ -62,3 +62,4 @@ mod loadtest;
 mod openapi;
 mod tls_upstream;
 mod walkthrough;
+mod pg_outage_keys;
