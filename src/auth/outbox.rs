@@ -249,9 +249,8 @@ async fn drain_locked(
     index: &KeyIndex,
 ) -> Result<usize, OutboxError> {
     let started = Instant::now();
-    let entries: redis::streams::StreamRangeReply = conn
-        .xrange_count(stream(prefix), "-", "+", BATCH)
-        .await?;
+    let entries: redis::streams::StreamRangeReply =
+        conn.xrange_count(stream(prefix), "-", "+", BATCH).await?;
     let mut written = 0;
     for entry in entries.ids {
         if started.elapsed() > BATCH_BUDGET {

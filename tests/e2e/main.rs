@@ -60,6 +60,6 @@ mod cluster;
 
 mod loadtest;
 mod openapi;
+mod pg_outage_keys;
 mod tls_upstream;
 mod walkthrough;
-mod pg_outage_keys;

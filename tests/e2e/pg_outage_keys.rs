@@ -190,7 +190,11 @@ async fn revoke_and_suspend_during_a_postgres_outage_hold_everywhere_and_reach_p
         outbox_len(&env).await == 0
     })
     .await;
-    assert!(drained, "auth outbox still holds {}", outbox_len(&env).await);
+    assert!(
+        drained,
+        "auth outbox still holds {}",
+        outbox_len(&env).await
+    );
     let revoked_at: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
             .bind(&doomed_id)
@@ -199,7 +203,10 @@ async fn revoke_and_suspend_during_a_postgres_outage_hold_everywhere_and_reach_p
             .expect("key row");
     let revoked_at = revoked_at.expect("revoked in postgres after the outage");
     // Stamped with the time of the revocation (during the outage), not of the drain.
-    assert!(revoked_at < cut_over, "revoked_at {revoked_at} >= {cut_over}");
+    assert!(
+        revoked_at < cut_over,
+        "revoked_at {revoked_at} >= {cut_over}"
+    );
     let (status, updated_at): (String, chrono::DateTime<chrono::Utc>) =
         sqlx::query_as("SELECT status, updated_at FROM accounts WHERE id = $1")
             .bind(&suspended)
@@ -209,16 +216,18 @@ async fn revoke_and_suspend_during_a_postgres_outage_hold_everywhere_and_reach_p
     assert_eq!(status, "suspended");
     // Written once: later drain rounds change nothing.
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let again: (Option<chrono::DateTime<chrono::Utc>>, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as(
-            "SELECT k.revoked_at, a.updated_at FROM api_keys k, accounts a
+    let again: (
+        Option<chrono::DateTime<chrono::Utc>>,
+        chrono::DateTime<chrono::Utc>,
+    ) = sqlx::query_as(
+        "SELECT k.revoked_at, a.updated_at FROM api_keys k, accounts a
               WHERE k.id = $1 AND a.id = $2",
-        )
-        .bind(&doomed_id)
-        .bind(&suspended)
-        .fetch_one(&pg)
-        .await
-        .expect("rows");
+    )
+    .bind(&doomed_id)
+    .bind(&suspended)
+    .fetch_one(&pg)
+    .await
+    .expect("rows");
     assert_eq!(again, (Some(revoked_at), updated_at));
 
     // Redis loses the key's record: the re-fill from Postgres keeps it dead.
