@@ -16,11 +16,14 @@ use super::redis_keys::KeyIndex;
 use crate::redis_conn::RedisConn;
 use crate::state::AppState;
 
-/// Sets an account's status in its ledger hash, if Redis holds the account.
+/// Sets an account's status in its ledger hash, if Redis holds the account, unless a newer
+/// change (`status_ver`, µs) is already there: a replayed outbox entry never undoes a later one.
 static SET_STATUS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
-         redis.call('HSET', KEYS[1], 'status', ARGV[1]) \
+         local cur = tonumber(redis.call('HGET', KEYS[1], 'status_ver') or '0') \
+         if tonumber(ARGV[2]) < cur then return 0 end \
+         redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_ver', ARGV[2]) \
          if ARGV[1] ~= 'past_due' then redis.call('HDEL', KEYS[1], 'grace_until') end \
          return 1",
     )
@@ -161,6 +164,7 @@ pub async fn apply_redis(
             let _: i64 = SET_STATUS
                 .key(ledger.keys(account_id).account)
                 .arg(status)
+                .arg(*at)
                 .invoke_async(conn)
                 .await?;
             index

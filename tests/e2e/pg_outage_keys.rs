@@ -75,20 +75,6 @@ async fn an_instance_that_never_saw_a_key_serves_it_from_redis_during_a_postgres
     assert_eq!(call_ok(&a, &used_key, "/v1/chat/warm").await, 999_750_000);
     // Created just before the outage, never used anywhere.
     let (fresh_account, fresh_key) = a.account_with_key("pro").await;
-    // Redis holds a record of each key, under its hash only: never the key itself.
-    for key in [&used_key, &fresh_key] {
-        assert!(key_record_name(&env, key).await.is_some(), "no record");
-        let mut redis = env.redis().await;
-        for name in scan_prefix(&mut redis, env.prefix()).await.expect("SCAN") {
-            assert!(!name.contains(key.as_str()), "{name} names the key");
-            let dump: Vec<String> = redis::cmd("HVALS")
-                .arg(&name)
-                .query_async(&mut redis)
-                .await
-                .unwrap_or_default();
-            assert!(!dump.iter().any(|v| v.contains(key.as_str())), "{name}");
-        }
-    }
     assert_caught_up(&env, Some(&a), Duration::from_secs(10)).await;
 
     gate.cut();
@@ -112,6 +98,20 @@ async fn an_instance_that_never_saw_a_key_serves_it_from_redis_during_a_postgres
     assert_caught_up(&env, Some(&a), Duration::from_secs(30)).await;
     for account in [&used_account, &fresh_account] {
         assert_balance_is_journal_sum(&a, &pg, account).await;
+    }
+    // Redis holds a record of each key, under its hash only: never the key itself.
+    for key in [&used_key, &fresh_key] {
+        assert!(key_record_name(&env, key).await.is_some(), "no record");
+        let mut redis = env.redis().await;
+        for name in scan_prefix(&mut redis, env.prefix()).await.expect("SCAN") {
+            assert!(!name.contains(key.as_str()), "{name} names the key");
+            let dump: Vec<String> = redis::cmd("HVALS")
+                .arg(&name)
+                .query_async(&mut redis)
+                .await
+                .unwrap_or_default();
+            assert!(!dump.iter().any(|v| v.contains(key.as_str())), "{name}");
+        }
     }
     let direct = metered_config(&env, &up.url(), 2);
     let audit = ledger_cmd(&env, &direct, "audit", &[]).await;
@@ -155,7 +155,9 @@ async fn revoke_and_suspend_during_a_postgres_outage_hold_everywhere_and_reach_p
         assert!(dead, "the revoked key still works on {}", app.proxy_url(""));
         call_ok(app, &kept_key, "/v1/chat/x").await;
     }
-    // Suspended on B, reinstated, suspended again: the last word holds everywhere.
+    // Reinstated (a no-op), suspended on B, reinstated, suspended again: the last word holds
+    // everywhere, and Postgres ends with it only if the changes land in order.
+    set_status(&a, &suspended, "active").await;
     set_status(&b, &suspended, "suspended").await;
     set_status(&a, &suspended, "active").await;
     set_status(&b, &suspended, "suspended").await;
@@ -168,8 +170,8 @@ async fn revoke_and_suspend_during_a_postgres_outage_hold_everywhere_and_reach_p
         assert!(refused, "suspended account still served: {code} {body}");
         assert_eq!(body["error"], "account_inactive", "{body}");
     }
-    // Postgres has none of it yet; the outbox holds all four changes, in order.
-    assert_eq!(outbox_len(&env).await, 4);
+    // Postgres has none of it yet; the outbox holds all five changes, in order.
+    assert_eq!(outbox_len(&env).await, 5);
     let live: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
             .bind(&doomed_id)
