@@ -1,5 +1,6 @@
-//! Who is calling: API keys (hashed, cached in process) and JWTs, plus the cache invalidation
-//! channel that makes a revocation reach every instance within about a second.
+//! Who is calling: API keys (hashed; cached in process, recorded in Redis) and JWTs, plus the
+//! cache invalidation channel that makes a revocation reach every instance within about a
+//! second, and the outbox that carries revocations and suspensions to Postgres.
 
 pub mod cache;
 pub mod invalidation;
