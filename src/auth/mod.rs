@@ -102,16 +102,16 @@ impl AuthCaches {
         if let Some(hit) = self.keys.get(&hash) {
             return hit.ok_or_else(|| AuthError::Invalid("unknown or revoked key".into()));
         }
-        let from_redis =
+        let (from_redis, redis_ok) =
             match tokio::time::timeout(REDIS_LOOKUP_TIMEOUT, index.get(redis, &hash)).await {
-                Ok(Ok(found)) => found,
+                Ok(Ok(found)) => (found, true),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "key lookup in redis failed; asking postgres");
-                    None
+                    (None, false)
                 }
                 Err(_) => {
                     tracing::warn!("key lookup in redis timed out; asking postgres");
-                    None
+                    (None, false)
                 }
             };
         let identity = match from_redis {
@@ -133,25 +133,34 @@ impl AuthCaches {
                         };
                         // A fill never replaces a record Redis already has: if one appeared
                         // meanwhile (a revocation), it wins over this Postgres row.
-                        let filled = index
-                            .put(redis, &hash, &record, 0, redis_keys::Mode::Fill)
-                            .await;
+                        // Skipped while Redis fails: the next lookup fills it.
+                        let filled = if redis_ok {
+                            let fill = index.put(redis, &hash, &record, 0, redis_keys::Mode::Fill);
+                            match tokio::time::timeout(REDIS_LOOKUP_TIMEOUT, fill).await {
+                                Ok(r) => r.map_err(|e| e.to_string()),
+                                Err(_) => Err("timed out".to_string()),
+                            }
+                        } else {
+                            Err("redis unavailable".to_string())
+                        };
                         match filled {
                             Ok(true) | Err(_) => {
                                 if let Err(e) = filled {
-                                    tracing::warn!(error = %e, "could not re-fill a key record");
+                                    tracing::debug!(error = %e, "key record not re-filled");
                                 }
                                 let identity = record.identity();
                                 self.keys.insert(hash, identity.clone());
                                 identity
                             }
                             // Redis got a record meanwhile: it is the newer state.
-                            Ok(false) => index
-                                .get(redis, &hash)
-                                .await
-                                .ok()
-                                .flatten()
-                                .and_then(|r| r.identity()),
+                            Ok(false) => {
+                                tokio::time::timeout(REDIS_LOOKUP_TIMEOUT, index.get(redis, &hash))
+                                    .await
+                                    .ok()
+                                    .and_then(Result::ok)
+                                    .flatten()
+                                    .and_then(|r| r.identity())
+                            }
                         }
                     }
                     None => {
