@@ -173,18 +173,33 @@ impl AuthCaches {
         identity.ok_or_else(|| AuthError::Invalid("unknown or revoked key".into()))
     }
 
-    /// Resolves the account a verified JWT names.
+    /// Resolves the account a verified JWT names: in-process cache, then the account's ledger
+    /// hash in Redis (tier and status, one round trip), then Postgres.
     pub async fn resolve_account(
         &self,
         pool: &PgPool,
+        redis: &mut crate::redis_conn::RedisConn,
+        index: &redis_keys::KeyIndex,
         account_id: &str,
     ) -> Result<Identity, AuthError> {
         let cached = match self.accounts.get(&account_id.to_string()) {
             Some(hit) => hit,
             None => {
-                let found = crate::store::accounts::get(pool, account_id)
-                    .await?
-                    .map(|a| (a.tier, a.status));
+                let lookup = index.account_plan(redis, account_id);
+                let in_redis = match tokio::time::timeout(REDIS_LOOKUP_TIMEOUT, lookup).await {
+                    Ok(Ok(found)) => found,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "account lookup in redis failed; asking postgres");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                let found = match in_redis {
+                    Some(plan) => Some(plan),
+                    None => crate::store::accounts::get(pool, account_id)
+                        .await?
+                        .map(|a| (a.tier, a.status)),
+                };
                 if found.is_some() {
                     self.accounts.insert(account_id.to_string(), found.clone());
                 } else {

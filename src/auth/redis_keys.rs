@@ -109,6 +109,28 @@ impl KeyIndex {
         )
     }
 
+    /// An account's tier and status from its ledger hash, if Redis holds the account.
+    pub async fn account_plan(
+        &self,
+        conn: &mut RedisConn,
+        account_id: &str,
+    ) -> redis::RedisResult<Option<(String, String)>> {
+        let name = crate::ledger::keys::AccountKeys::new(&self.prefix, self.shards, account_id);
+        let (tier, status): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(&name.account)
+            .arg("tier")
+            .arg("status")
+            .query_async(conn)
+            .await?;
+        // `past_due` is the ledger's to enforce (served until the grace deadline); the gate
+        // refuses only what an operator set, as with the status Postgres keeps.
+        let status = match status.as_deref() {
+            None | Some("past_due") => "active".to_string(),
+            Some(other) => other.to_string(),
+        };
+        Ok(tier.map(|t| (t, status)))
+    }
+
     /// One round trip: the key's record, if Redis holds one.
     pub async fn get(
         &self,

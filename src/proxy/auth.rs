@@ -57,11 +57,11 @@ pub async fn authenticate(
             .inc();
         return Err(GatewayError::MissingCredentials);
     };
+    let index = crate::auth::redis_keys::KeyIndex::new(
+        &snap.config.redis.key_prefix,
+        snap.config.redis.shards,
+    );
     let result = if crate::auth::keys::looks_like_key(&token) {
-        let index = crate::auth::redis_keys::KeyIndex::new(
-            &snap.config.redis.key_prefix,
-            snap.config.redis.shards,
-        );
         let mut redis = state.redis.clone();
         state
             .caches
@@ -69,7 +69,13 @@ pub async fn authenticate(
             .await
     } else if let (Some(jwt), true) = (&snap.jwt, JwtVerifier::looks_like_jwt(&token)) {
         match jwt.verify(&token) {
-            Ok(account) => state.caches.resolve_account(&state.pg, &account).await,
+            Ok(account) => {
+                let mut redis = state.redis.clone();
+                state
+                    .caches
+                    .resolve_account(&state.pg, &mut redis, &index, &account)
+                    .await
+            }
             Err(e) => Err(AuthError::Invalid(e.to_string())),
         }
     } else {

@@ -17,6 +17,9 @@ use crate::journal_util::{
 };
 use crate::upstream::FakeUpstream;
 
+const JWT_SECRET_ENV: &str = "E2E_PG_OUTAGE_JWT_SECRET";
+const JWT_SECRET: &str = "pg-outage-keys-e2e-secret-0123456789";
+
 /// Revocation reaches every instance within 2 s; awaited with a generous margin.
 const PROPAGATION: Duration = Duration::from_secs(10);
 
@@ -64,7 +67,12 @@ async fn an_instance_that_never_saw_a_key_serves_it_from_redis_during_a_postgres
     let env = TestEnv::new().await;
     let up = FakeUpstream::start().await;
     let gate = PgGate::start().await;
-    let cfg = metered_config(&env, &up.url(), 2).postgres_url(gate.url(env.db_url()));
+    let cfg = metered_config(&env, &up.url(), 2)
+        .toml(format!(
+            "[auth.jwt]\nalgorithms = [\"HS256\"]\naccount_claim = \"org\"\nsecret_env = \"{JWT_SECRET_ENV}\""
+        ))
+        .env(JWT_SECRET_ENV, JWT_SECRET)
+        .postgres_url(gate.url(env.db_url()));
     let a = cfg.spawn().await;
     let b = cfg.spawn().await;
     drop(cfg);
@@ -93,6 +101,15 @@ async fn an_instance_that_never_saw_a_key_serves_it_from_redis_during_a_postgres
         fresh -= 250_000;
         assert_eq!(call_ok(app, &fresh_key, "/v1/chat/x").await, fresh);
     }
+    // A JWT caller B never saw: its account's plan comes from the ledger hash in Redis.
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"org": used_account, "exp": chrono::Utc::now().timestamp() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("a token");
+    used -= 250_000;
+    assert_eq!(call_ok(&b, &token, "/v1/chat/x").await, used, "JWT on B");
 
     gate.restore();
     assert_caught_up(&env, Some(&a), Duration::from_secs(30)).await;
