@@ -315,6 +315,7 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         Arc::clone(&state.caches),
         stop.clone(),
     ));
+    background.spawn(crate::auth::outbox::run(Arc::clone(&state), stop.clone()));
 
     // The flusher has its own Redis connection: its batch reads never queue behind, or in
     // front of, the hot path's debits. It stops last, after the connections drained, so the

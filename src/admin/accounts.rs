@@ -1,4 +1,4 @@
-//! Accounts: create, read.
+//! Accounts: create, read, change tier, suspend / reinstate.
 
 use std::sync::Arc;
 
@@ -138,8 +138,77 @@ pub async fn set_tier(
     {
         tracing::error!(error = %e, account = %id, "could not announce the tier change");
     }
+    let index = crate::auth::redis_keys::KeyIndex::new(&prefix, config.redis.shards);
+    if let Err(e) = index
+        .patch_account(
+            &mut conn,
+            &id,
+            "tier",
+            &body.tier,
+            crate::auth::redis_keys::now_version(),
+        )
+        .await
+    {
+        // The key records keep the old tier until re-filled; the debit script answers with
+        // the account's real tier, which the proxy follows.
+        tracing::error!(error = %e, account = %id, "could not update the key records' tier");
+    }
     tracing::info!(account = %id, tier = %body.tier, "tier changed");
     account_with_balance(&state, &config, row).await.map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusChange {
+    pub status: String,
+}
+
+/// Suspends (`suspended`) or reinstates (`active`) an account. Needs Redis only: applied there
+/// at once (every instance drops the account's cached keys within 2 s), recorded in the auth
+/// outbox and written to Postgres by the drainer, now or when Postgres is back.
+pub async fn set_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<StatusChange>,
+) -> Result<Json<Value>, AdminError> {
+    if !matches!(body.status.as_str(), "active" | "suspended") {
+        return Err(AdminError::BadRequest(
+            "status must be \"active\" or \"suspended\"".into(),
+        ));
+    }
+    let config = state.config();
+    let prefix = config.redis.key_prefix.clone();
+    let mut conn = state.redis.clone();
+    // The account must exist: Redis knows it if it was ever used; otherwise ask Postgres.
+    let in_redis = state.ledger.state(&mut conn, &id).await?.is_some();
+    if !in_redis {
+        let found = accounts::get(&state.pg, &id).await.map_err(|e| {
+            AdminError::Unavailable(format!("postgres (account {id:?} is not in redis): {e}"))
+        })?;
+        if found.is_none() {
+            return Err(AdminError::NotFound(format!("no account {id:?}")));
+        }
+    }
+    let index = crate::auth::redis_keys::KeyIndex::new(&prefix, config.redis.shards);
+    let change = crate::auth::outbox::Change::Status {
+        account_id: id.clone(),
+        status: body.status.clone(),
+        at: crate::auth::redis_keys::now_version(),
+    };
+    crate::auth::outbox::submit(&mut conn, &prefix, &index, &state.ledger, &change).await?;
+    if let Err(e) = crate::auth::invalidation::publish(
+        &mut conn,
+        &prefix,
+        &state.caches,
+        crate::auth::invalidation::Invalidation::Account(&id),
+    )
+    .await
+    {
+        tracing::error!(error = %e, account = %id, "could not announce the status change");
+    }
+    crate::auth::outbox::nudge(Arc::clone(&state)).await;
+    tracing::info!(account = %id, status = %body.status, "account status changed");
+    Ok(Json(json!({"id": id, "status": body.status})))
 }
 
 async fn account_with_balance(

@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 use super::error::AdminError;
 use super::extract::JsonBody;
 use crate::auth::invalidation::{self, Invalidation};
+use crate::auth::keys::KeyHash;
+use crate::auth::outbox;
+use crate::auth::redis_keys::{now_version, KeyIndex, KeyRecord, Mode};
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -60,6 +63,24 @@ pub async fn create(
             crate::store::keys::insert(&state.pg, &id, &account_id, &name, &prefix, &hash).await?
         }
     };
+    // The Redis record lets every instance resolve the key without Postgres. If this write
+    // fails, the first lookup re-fills it from Postgres.
+    let config = state.config();
+    let index = KeyIndex::new(&config.redis.key_prefix, config.redis.shards);
+    let record = KeyRecord {
+        key_id: id.clone(),
+        account_id: account_id.clone(),
+        tier: account.tier.clone(),
+        status: account.status.clone(),
+        revoked: false,
+    };
+    let mut redis = state.redis.clone();
+    if let Err(e) = index
+        .put(&mut redis, &hash, &record, now_version(), Mode::Set)
+        .await
+    {
+        tracing::warn!(error = %e, key_id = %id, "could not write the key's redis record");
+    }
     tracing::info!(key_id = %id, account = %account_id, "API key created");
     Ok((
         StatusCode::CREATED,
@@ -74,22 +95,60 @@ pub async fn create(
     ))
 }
 
+/// Revokes in Redis first (so it works while Postgres is down), records the change in the
+/// auth outbox, and lets the drainer write it to Postgres.
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     Path(key_id): Path<String>,
 ) -> Result<StatusCode, AdminError> {
-    let Some(hash) = crate::store::keys::revoke(&state.pg, &key_id).await? else {
-        return Err(AdminError::NotFound(format!("no live key {key_id:?}")));
-    };
-    let prefix = state.config().redis.key_prefix.clone();
+    let config = state.config();
+    let prefix = config.redis.key_prefix.clone();
+    let index = KeyIndex::new(&prefix, config.redis.shards);
     let mut redis = state.redis.clone();
+    let known = match index.hash_of(&mut redis, &key_id).await? {
+        Some(hash) => index
+            .get(&mut redis, &hash)
+            .await?
+            .map(|record| (hash, record.account_id, record.revoked)),
+        None => None,
+    };
+    let (hash, account_id) = match known {
+        Some((_, _, true)) => {
+            return Err(AdminError::NotFound(format!("no live key {key_id:?}")));
+        }
+        Some((hash, account_id, false)) => (hash, account_id),
+        // A key Redis does not know yet (created before key records existed).
+        None => {
+            let found = crate::store::keys::find_by_id(&state.pg, &key_id)
+                .await
+                .map_err(|e| {
+                    AdminError::Unavailable(format!(
+                        "postgres (key {key_id:?} is not in redis): {e}"
+                    ))
+                })?;
+            let Some((account_id, hash, false)) = found else {
+                return Err(AdminError::NotFound(format!("no live key {key_id:?}")));
+            };
+            let hash = KeyHash::try_from(hash.as_slice())
+                .map_err(|_| AdminError::Internal(format!("key {key_id:?} has a bad hash")))?;
+            (hash, account_id)
+        }
+    };
+    let change = outbox::Change::Revoke {
+        key_id: key_id.clone(),
+        hash,
+        account_id,
+        at: now_version(),
+    };
+    outbox::submit(&mut redis, &prefix, &index, &state.ledger, &change).await?;
     if let Err(e) =
         invalidation::publish(&mut redis, &prefix, &state.caches, Invalidation::Key(&hash)).await
     {
-        // The key is revoked in Postgres; other instances drop it when their cache entry ages
-        // out (1 s while their own subscription is down, else the key TTL).
+        // Other instances drop the key when their cache entry ages out (1 s while their own
+        // subscription is down, else the key TTL); their next lookup finds the tombstone.
         tracing::error!(error = %e, key_id = %key_id, "could not announce key revocation");
     }
+    outbox::nudge(Arc::clone(&state)).await;
     tracing::info!(key_id = %key_id, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -28,6 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/accounts", post(accounts::create))
         .route("/v1/accounts/{id}", get(accounts::get))
         .route("/v1/accounts/{id}/tier", put(accounts::set_tier))
+        .route("/v1/accounts/{id}/status", put(accounts::set_status))
         .route("/v1/accounts/{id}/grants", post(grants::create))
         .route("/v1/accounts/{id}/keys", post(keys::create))
         .route("/v1/accounts/{id}/usage", get(usage::get_usage))

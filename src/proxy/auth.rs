@@ -1,5 +1,5 @@
 //! Phase 2 — who is calling. Reads `Authorization: Bearer …` or `X-Api-Key: …`; a `tg_` key is
-//! resolved through the in-process cache, anything JWT-shaped is verified when JWT is enabled.
+//! resolved through the in-process cache, then Redis, then Postgres, anything JWT-shaped is verified when JWT is enabled.
 //! The reason for a refusal is logged, never the credential.
 
 use pingora::proxy::Session;
@@ -57,16 +57,25 @@ pub async fn authenticate(
             .inc();
         return Err(GatewayError::MissingCredentials);
     };
+    let index = crate::auth::redis_keys::KeyIndex::new(
+        &snap.config.redis.key_prefix,
+        snap.config.redis.shards,
+    );
     let result = if crate::auth::keys::looks_like_key(&token) {
-        state.caches.resolve_key(&state.pg, &token).await
+        let mut redis = state.redis.clone();
+        state
+            .caches
+            .resolve_key(&state.pg, &mut redis, &index, &token)
+            .await
     } else if let (Some(jwt), true) = (&snap.jwt, JwtVerifier::looks_like_jwt(&token)) {
         match jwt.verify(&token) {
-            Ok(account) => match state.caches.resolve_account(&state.pg, &account).await {
-                Err(AuthError::Store(e)) => account_from_redis(state, &account)
+            Ok(account) => {
+                let mut redis = state.redis.clone();
+                state
+                    .caches
+                    .resolve_account(&state.pg, &mut redis, &index, &account)
                     .await
-                    .ok_or(AuthError::Store(e)),
-                resolved => resolved,
-            },
+            }
             Err(e) => Err(AuthError::Invalid(e.to_string())),
         }
     } else {
@@ -95,19 +104,4 @@ pub async fn authenticate(
             Err(GatewayError::InvalidCredentials)
         }
     }
-}
-
-/// A verified JWT's account while Postgres is unreachable: its tier and status as Redis holds
-/// them (kept there by every tier and status change), so a fresh instance serves JWT callers
-/// of known accounts through a Postgres outage. `None` when Redis does not know the account
-/// either (its hydration needs Postgres).
-async fn account_from_redis(state: &AppState, account_id: &str) -> Option<Identity> {
-    let mut conn = state.redis.clone();
-    let live = state.ledger.state(&mut conn, account_id).await.ok()??;
-    Some(Identity {
-        account_id: account_id.to_string(),
-        key_id: None,
-        tier: live.tier,
-        status: live.status,
-    })
 }

@@ -95,3 +95,16 @@ pub async fn revoke(pool: &PgPool, id: &str) -> Result<Option<Vec<u8>>, sqlx::Er
     .fetch_optional(pool)
     .await
 }
+
+/// A key by id, revoked or not: (account, hash, revoked).
+pub async fn find_by_id(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<(String, Vec<u8>, bool)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account_id, key_hash, revoked_at IS NOT NULL FROM api_keys WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}

@@ -61,5 +61,6 @@ mod cluster;
 
 mod loadtest;
 mod openapi;
+mod pg_outage_keys;
 mod tls_upstream;
 mod walkthrough;
