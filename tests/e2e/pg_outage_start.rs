@@ -1,6 +1,6 @@
 //! `serve` never needs Postgres to start: with Postgres cut (the [`PgGate`] black-holes it) a
 //! fresh instance binds, says it is degraded, serves from Redis a caller whose account is
-//! there (a JWT: no key lookup in Postgres), debits exactly, refuses the admin calls that need
+//! there (a JWT, and an API key created before the outage that it never saw), debits exactly, refuses the admin calls that need
 //! Postgres with a quick 503, and once Postgres is back migrates and writes the journal it
 //! kept in Redis exactly once.
 
@@ -105,14 +105,17 @@ async fn a_fresh_instance_starts_serves_and_catches_up_without_postgres() {
     // A first instance (Postgres up) creates the account and serves it once: it is in Redis.
     let account = format!("org_{}", random_id(8));
     let jwt = token(&secret, &account);
-    let mut expected = {
+    let (mut expected, key) = {
         let first = jwt_config(&env, &up, &secret).spawn().await;
         first.create_account(&account, "pro").await;
+        // A key created before the outage and never used: the fresh instance has never seen
+        // it, and can only find it in Redis.
+        let (_, key) = first.create_key(&account).await;
         let remaining = call_ok(&first, &jwt, "/v1/chat/warm").await;
         assert_eq!(remaining, 999_750_000);
         wait_journal(&pg, &account, Duration::from_secs(10), |j| j.debits == 1).await;
         assert_caught_up(&env, Some(&first), Duration::from_secs(10)).await;
-        remaining
+        (remaining, key)
     };
     let rows_before = journal(&pg, &account).await.rows;
 
@@ -140,7 +143,9 @@ async fn a_fresh_instance_starts_serves_and_catches_up_without_postgres() {
         } else {
             "/v1/chat/x"
         };
-        let remaining = call_ok(&fresh, &jwt, path).await;
+        // JWT and API key alternate: both resolve from Redis alone.
+        let credential = if i % 2 == 0 { &jwt } else { &key };
+        let remaining = call_ok(&fresh, credential, path).await;
         expected -= if i % 4 == 0 { 1_000_000 } else { 250_000 };
         assert_eq!(remaining, expected, "request {i} during the outage");
     }
