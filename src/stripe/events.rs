@@ -168,7 +168,7 @@ pub async fn process(state: &AppState, event: &Event) -> Result<Processed, Handl
         config: &config,
         event,
         tx: &mut tx,
-        tier_changed: false,
+        tier_changed: None,
     };
     let outcome = match (&account_id, handled) {
         (_, false) => ignored(format!("{} events are not handled", event.kind)),
@@ -184,7 +184,7 @@ pub async fn process(state: &AppState, event: &Event) -> Result<Processed, Handl
             _ => cx.subscription_changed(id).await?,
         },
     };
-    let tier_changed = cx.tier_changed;
+    let tier_changed = cx.tier_changed.take();
     sqlx::query("UPDATE stripe_events SET outcome = $2, object_id = $3 WHERE event_id = $1")
         .bind(&event.id)
         .bind(outcome.label())
@@ -193,9 +193,20 @@ pub async fn process(state: &AppState, event: &Event) -> Result<Processed, Handl
         .await?;
     tx.commit().await?;
 
-    if let (true, Some(id)) = (tier_changed, &account_id) {
+    if let (Some(tier), Some(id)) = (tier_changed, &account_id) {
         // After the commit, so other instances re-read the new tier.
         let mut conn = state.redis.clone();
+        let index =
+            crate::auth::redis_keys::KeyIndex::new(&config.redis.key_prefix, config.redis.shards);
+        let version = crate::auth::redis_keys::now_version();
+        if let Err(e) = index
+            .patch_account(&mut conn, id, "tier", &tier, version)
+            .await
+        {
+            // The key records keep the old tier until re-filled; the debit script answers with
+            // the account's real tier, which the proxy follows.
+            tracing::error!(error = %e, account = %id, "could not update the key records' tier");
+        }
         if let Err(e) = crate::auth::invalidation::publish(
             &mut conn,
             &config.redis.key_prefix,
@@ -340,7 +351,8 @@ struct Cx<'a, 't> {
     config: &'a Config,
     event: &'a Event,
     tx: &'a mut Transaction<'t, Postgres>,
-    tier_changed: bool,
+    /// The tier the event moved the account to, if it did.
+    tier_changed: Option<String>,
 }
 
 impl Cx<'_, '_> {
@@ -1066,7 +1078,7 @@ impl Cx<'_, '_> {
         if !applied {
             return Err(missing(account_id));
         }
-        self.tier_changed = true;
+        self.tier_changed = Some(tier.to_string());
         tracing::info!(account = %account_id, from = %current, to = %tier, "tier follows the subscription");
         Ok(())
     }
