@@ -23,6 +23,9 @@
 //! the CPU time of each process (the proxy in front, Redis, Postgres, the stub and the load
 //! generator): the tables give it per request.
 //!
+//! `--only public,bare,…` measures only the named rows (and always `public`, the reference of
+//! the rates): for profiling one path with `perf record -g -- cargo bench …`.
+//!
 //! `--quick` (one short round, one rate; under a minute) is CI's smoke test: it checks that the
 //! whole setup works and prints the table, and asserts nothing about timings.
 //!
@@ -167,20 +170,43 @@ pub struct Plan {
     pub fractions: Vec<f64>,
     /// Keep-alive connections of the load generator.
     pub connections: usize,
+    /// `--only`: the rows to measure (`None`: all).
+    pub only: Option<Vec<String>>,
 }
 
 impl Plan {
     fn from_args() -> Plan {
         let mut quick = false;
-        for arg in std::env::args().skip(1) {
+        let mut only = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
+                "--only" => {
+                    let names = args.next().expect("--only takes a list of row names");
+                    let mut names: Vec<String> = names.split(',').map(str::to_string).collect();
+                    for n in &names {
+                        assert!(
+                            TARGETS.iter().any(|t| t.name == n),
+                            "--only: no row {n:?} (rows: {})",
+                            TARGETS
+                                .iter()
+                                .map(|t| t.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                    names.push("public".into());
+                    only = Some(names);
+                }
                 // `cargo bench` passes --bench to every benchmark binary.
                 "--bench" => {}
-                other => eprintln!("overhead: ignoring the argument {other:?} (known: --quick)"),
+                other => eprintln!(
+                    "overhead: ignoring the argument {other:?} (known: --quick, --only ROWS)"
+                ),
             }
         }
-        if quick {
+        let plan = if quick {
             Plan {
                 quick,
                 rounds: 1,
@@ -189,6 +215,7 @@ impl Plan {
                 warmup: Duration::from_millis(250),
                 fractions: vec![0.5],
                 connections: 32,
+                only: None,
             }
         } else {
             Plan {
@@ -199,8 +226,10 @@ impl Plan {
                 warmup: Duration::from_millis(500),
                 fractions: vec![0.25, 0.5, 0.75],
                 connections: 32,
+                only: None,
             }
-        }
+        };
+        Plan { only, ..plan }
     }
 }
 
@@ -559,6 +588,11 @@ fn main() {
     let active: Vec<(Target, String)> = TARGETS
         .iter()
         .filter(|t| t.pending.is_none())
+        .filter(|t| {
+            plan.only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|n| n == t.name))
+        })
         .filter_map(|t| url_of(t).map(|u| (*t, u)))
         .collect();
     for (t, url) in &active {
