@@ -302,8 +302,13 @@ impl Summary {
         let rows = TARGETS
             .iter()
             .map(|t| {
+                let excluded = plan
+                    .only
+                    .as_ref()
+                    .is_some_and(|only| !only.iter().any(|n| n == t.name));
                 let missing = match (t.pending, t.via) {
                     (Some(why), _) => Some(Missing::Pending(why)),
+                    _ if excluded => Some(Missing::Skipped("not in --only")),
                     (None, Via::Nginx) => nginx_missing.map(Missing::Skipped),
                     (None, Via::Bare) => bare_missing.map(Missing::Skipped),
                     _ => None,
