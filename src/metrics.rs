@@ -433,3 +433,55 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+[[routes]]
+name = "open"
+path_prefix = "/"
+upstream = "u"
+public = true
+"#;
+
+    /// The handles the request path uses are the exported labelled series, not copies.
+    #[test]
+    fn route_handles_update_the_labelled_series() {
+        let config = Config::from_toml(CONFIG, Path::new("t"), &|_| None).unwrap();
+        let m = Metrics::new().unwrap();
+        assert!(m.route("open").is_none(), "no handles before expect_routes");
+        m.expect_routes(&config);
+        let h = m.route("open").unwrap();
+        h.forwarded.inc();
+        h.overhead_seconds.observe(0.001);
+        h.upstream_seconds.observe(0.002);
+        let text = m.render();
+        assert!(
+            text.contains(r#"tollgate_requests_total{outcome="forwarded",route="open"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_overhead_seconds_count{route="open"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_upstream_duration_seconds_count{route="open"} 1"#),
+            "{text}"
+        );
+        assert!(m.route("unknown").is_none());
+    }
+}
