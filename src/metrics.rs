@@ -1,6 +1,10 @@
 //! Prometheus metrics, served as text on `metrics_listen` `/metrics`. Names are `tollgate_*`
 //! with the conventional `_total` / `_seconds` suffixes.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -106,6 +110,20 @@ pub struct Metrics {
     /// Outgoing alert webhooks: delivered, retry (a failed attempt to be retried), failed
     /// (given up after `alerts.max_attempts`).
     pub alert_deliveries: IntCounterVec,
+    /// Each configured route's per-request series, resolved once ([`Metrics::expect_routes`]).
+    routes: ArcSwap<HashMap<String, Arc<RouteMetrics>>>,
+}
+
+/// The series every request of a route touches, as handles: a label lookup (hashing the label
+/// values, a lock, a map probe) per series per request would be most of what metrics cost on
+/// the pass-through path. Outcomes other than `forwarded` are rare and looked up by label.
+pub struct RouteMetrics {
+    /// `tollgate_requests_total{route, outcome="forwarded"}`.
+    pub forwarded: IntCounter,
+    /// `tollgate_upstream_duration_seconds{route}`.
+    pub upstream_seconds: Histogram,
+    /// `tollgate_overhead_seconds{route}`.
+    pub overhead_seconds: Histogram,
 }
 
 fn counter(
@@ -314,6 +332,7 @@ impl Metrics {
             hydrations,
             in_flight,
             registry: r,
+            routes: ArcSwap::from_pointee(HashMap::new()),
         };
         // Rare events exist at 0 from the start, so `increase()` sees their first occurrence
         // (a labelled family with no series is not exported at all).
@@ -388,14 +407,22 @@ impl Metrics {
     /// the [`ROUTE_AUTH`], [`ROUTE_SELF_SERVICE`], [`ROUTE_UNMATCHED`] labels) with its
     /// request outcomes and latency histograms, and each metered route's debits per tier, so
     /// an alert sees a route's first failure and a dashboard lists every route from the start.
+    /// Also resolves each route's [`RouteMetrics`].
     pub fn expect_routes(&self, config: &Config) {
+        let mut handles = HashMap::with_capacity(config.routes.len());
         for route in &config.routes {
             let name = route.name.as_str();
             for outcome in ROUTE_OUTCOMES {
                 self.requests.with_label_values(&[name, outcome]);
             }
-            self.upstream_seconds.with_label_values(&[name]);
-            self.overhead_seconds.with_label_values(&[name]);
+            handles.insert(
+                name.to_string(),
+                Arc::new(RouteMetrics {
+                    forwarded: self.requests.with_label_values(&[name, "forwarded"]),
+                    upstream_seconds: self.upstream_seconds.with_label_values(&[name]),
+                    overhead_seconds: self.overhead_seconds.with_label_values(&[name]),
+                }),
+            );
             if !route.public {
                 self.unmetered.with_label_values(&[name]);
                 for tier in config.tiers.keys() {
@@ -417,6 +444,13 @@ impl Metrics {
         for label in [ROUTE_AUTH, ROUTE_SELF_SERVICE, ROUTE_UNMATCHED] {
             self.overhead_seconds.with_label_values(&[label]);
         }
+        self.routes.store(Arc::new(handles));
+    }
+
+    /// The handles of route `name`; `None` for a route added by a reload after startup (its
+    /// series are then looked up by label).
+    pub fn route(&self, name: &str) -> Option<Arc<RouteMetrics>> {
+        self.routes.load().get(name).cloned()
     }
 
     /// The text exposition format.
@@ -427,5 +461,57 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+[[routes]]
+name = "open"
+path_prefix = "/"
+upstream = "u"
+public = true
+"#;
+
+    /// The handles the request path uses are the exported labelled series, not copies.
+    #[test]
+    fn route_handles_update_the_labelled_series() {
+        let config = Config::from_toml(CONFIG, Path::new("t"), &|_| None).unwrap();
+        let m = Metrics::new().unwrap();
+        assert!(m.route("open").is_none(), "no handles before expect_routes");
+        m.expect_routes(&config);
+        let h = m.route("open").unwrap();
+        h.forwarded.inc();
+        h.overhead_seconds.observe(0.001);
+        h.upstream_seconds.observe(0.002);
+        let text = m.render();
+        assert!(
+            text.contains(r#"tollgate_requests_total{outcome="forwarded",route="open"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_overhead_seconds_count{route="open"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_upstream_duration_seconds_count{route="open"} 1"#),
+            "{text}"
+        );
+        assert!(m.route("unknown").is_none());
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! - **direct**: the stub itself (what the load generator and the stub cost);
 //! - **nginx**: the peer users would otherwise deploy;
+//! - **bare pingora**: the floor — the smallest Pingora proxy, run like tollgate's (`bare.rs`);
 //! - **public**: tollgate's `public = true` route (pass-through: routing and proxying only);
 //! - **metered**: a fixed-price route (auth from the key cache, one Redis debit, journal);
 //! - **token-priced**: a `pricing = {…}` route: the request body read, a hold, the usage read
@@ -18,7 +19,12 @@
 //! Targets run in interleaved rounds (each round visits every target once, in an order rotated
 //! per round, so drift hits all of them alike), first closed-loop at saturation, then open-loop
 //! at 25/50/75 % of the pass-through (`public`) saturation. Medians over rounds go to a markdown
-//! table on stdout and, with every raw report, to `target/overhead.json`.
+//! table on stdout and, with every raw report, to `target/overhead.json`. Every run also records
+//! the CPU time of each process (the proxy in front, Redis, Postgres, the stub and the load
+//! generator): the tables give it per request.
+//!
+//! `--only public,bare,…` measures only the named rows (and always `public`, the reference of
+//! the rates): for profiling one path with `perf record -g -- cargo bench …`.
 //!
 //! `--quick` (one short round, one rate; under a minute) is CI's smoke test: it checks that the
 //! whole setup works and prints the table, and asserts nothing about timings.
@@ -31,6 +37,7 @@
 // A benchmark harness should stop loudly: a broken setup is a panic with the reason, not a number.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod bare;
 mod env;
 mod load;
 mod procs;
@@ -51,6 +58,8 @@ use report::{Phase, Run};
 pub enum Via {
     Direct,
     Nginx,
+    /// The bare Pingora proxy (`bare.rs`).
+    Bare,
     Tollgate,
 }
 
@@ -84,6 +93,14 @@ pub const TARGETS: &[Target] = &[
         name: "nginx",
         label: "nginx (keep-alive proxy)",
         via: Via::Nginx,
+        path: "/v1/chat/completions",
+        keyed: false,
+        pending: None,
+    },
+    Target {
+        name: "bare",
+        label: "bare pingora (the floor)",
+        via: Via::Bare,
         path: "/v1/chat/completions",
         keyed: false,
         pending: None,
@@ -153,20 +170,43 @@ pub struct Plan {
     pub fractions: Vec<f64>,
     /// Keep-alive connections of the load generator.
     pub connections: usize,
+    /// `--only`: the rows to measure (`None`: all).
+    pub only: Option<Vec<String>>,
 }
 
 impl Plan {
     fn from_args() -> Plan {
         let mut quick = false;
-        for arg in std::env::args().skip(1) {
+        let mut only = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
+                "--only" => {
+                    let names = args.next().expect("--only takes a list of row names");
+                    let mut names: Vec<String> = names.split(',').map(str::to_string).collect();
+                    for n in &names {
+                        assert!(
+                            TARGETS.iter().any(|t| t.name == n),
+                            "--only: no row {n:?} (rows: {})",
+                            TARGETS
+                                .iter()
+                                .map(|t| t.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                    names.push("public".into());
+                    only = Some(names);
+                }
                 // `cargo bench` passes --bench to every benchmark binary.
                 "--bench" => {}
-                other => eprintln!("overhead: ignoring the argument {other:?} (known: --quick)"),
+                other => eprintln!(
+                    "overhead: ignoring the argument {other:?} (known: --quick, --only ROWS)"
+                ),
             }
         }
-        if quick {
+        let plan = if quick {
             Plan {
                 quick,
                 rounds: 1,
@@ -175,6 +215,7 @@ impl Plan {
                 warmup: Duration::from_millis(250),
                 fractions: vec![0.5],
                 connections: 32,
+                only: None,
             }
         } else {
             Plan {
@@ -185,8 +226,10 @@ impl Plan {
                 warmup: Duration::from_millis(500),
                 fractions: vec![0.25, 0.5, 0.75],
                 connections: 32,
+                only: None,
             }
-        }
+        };
+        Plan { only, ..plan }
     }
 }
 
@@ -331,6 +374,7 @@ struct Bench<'a> {
     served: &'a AtomicU64,
     tollgate_pid: u32,
     nginx_pid: Option<u32>,
+    bare_pid: Option<u32>,
 }
 
 /// Counters read before and after each run.
@@ -338,6 +382,7 @@ struct Snapshot {
     upstream: u64,
     tollgate_cpu: Option<f64>,
     nginx_cpu: Option<f64>,
+    bare_cpu: Option<f64>,
     postgres_cpu: f64,
     machine: f64,
     ours: f64,
@@ -351,6 +396,7 @@ impl Bench<'_> {
     fn busy_cpu_s(&self) -> f64 {
         env::process_cpu_s(self.tollgate_pid).unwrap_or(0.0)
             + self.nginx_pid.and_then(env::process_cpu_s).unwrap_or(0.0)
+            + self.bare_pid.and_then(env::process_cpu_s).unwrap_or(0.0)
             + env::postgres_cpu_s(self.db_name)
             + self
                 .rt
@@ -395,6 +441,7 @@ impl Bench<'_> {
             upstream: self.served.load(Ordering::Relaxed),
             tollgate_cpu: env::process_cpu_s(self.tollgate_pid),
             nginx_cpu: self.nginx_pid.and_then(env::process_cpu_s),
+            bare_cpu: self.bare_pid.and_then(env::process_cpu_s),
             postgres_cpu: env::postgres_cpu_s(self.db_name),
             machine: env::machine_busy_s(),
             ours: env::self_and_children_cpu_s(),
@@ -437,12 +484,15 @@ impl Bench<'_> {
             },
             tollgate_cpu_s: delta(before.tollgate_cpu, after.tollgate_cpu),
             nginx_cpu_s: delta(before.nginx_cpu, after.nginx_cpu),
+            bare_cpu_s: delta(before.bare_cpu, after.bare_cpu),
+            bench_cpu_s: after.ours - before.ours,
             postgres_cpu_s: after.postgres_cpu - before.postgres_cpu,
             // What else ran: the machine's busy time minus every process of the benchmark.
             foreign_cpu_s: (after.machine - before.machine)
                 - (after.ours - before.ours)
                 - delta(before.tollgate_cpu, after.tollgate_cpu).unwrap_or(0.0)
                 - delta(before.nginx_cpu, after.nginx_cpu).unwrap_or(0.0)
+                - delta(before.bare_cpu, after.bare_cpu).unwrap_or(0.0)
                 - (after.postgres_cpu - before.postgres_cpu)
                 - (after.redis.cpu_s - before.redis.cpu_s),
             settle_s,
@@ -458,6 +508,10 @@ impl Bench<'_> {
 }
 
 fn main() {
+    // Started again as the bare Pingora proxy (`bare::start`).
+    if let Ok(upstream) = std::env::var(bare::ENV) {
+        bare::serve(&upstream);
+    }
     let started = Instant::now();
     let plan = Plan::from_args();
     let bin = tollgate_bin();
@@ -496,6 +550,8 @@ fn main() {
         }
     };
     let nginx_addr = nginx.as_ref().map(|(_, addr)| *addr);
+    let bare = bare::start(stub_addr);
+    let bare_addr = bare.as_ref().map(|(_, addr)| *addr);
 
     let admin_token = format!("bench-admin-{}", env::random_id(24));
     let config_path = dir.path().join("tollgate.toml");
@@ -524,6 +580,7 @@ fn main() {
         let base = match t.via {
             Via::Direct => stub_addr,
             Via::Nginx => nginx_addr?,
+            Via::Bare => bare_addr?,
             Via::Tollgate => tollgate.proxy,
         };
         Some(format!("http://{base}{}", t.path))
@@ -531,6 +588,11 @@ fn main() {
     let active: Vec<(Target, String)> = TARGETS
         .iter()
         .filter(|t| t.pending.is_none())
+        .filter(|t| {
+            plan.only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|n| n == t.name))
+        })
         .filter_map(|t| url_of(t).map(|u| (*t, u)))
         .collect();
     for (t, url) in &active {
@@ -550,6 +612,7 @@ fn main() {
         served: &served,
         tollgate_pid: tollgate.proc.pid(),
         nginx_pid: nginx.as_ref().map(|(p, _)| p.pid()),
+        bare_pid: bare.as_ref().map(|(p, _)| p.pid()),
     };
     let mut runs: Vec<Run> = Vec::new();
 
@@ -588,13 +651,24 @@ fn main() {
         eprintln!("overhead: tollgate log tail:\n{}", tollgate.proc.log_tail());
     }
     drop(nginx);
+    drop(bare);
 
     let nginx_missing = match (&nginx_bin, nginx_addr) {
         (None, _) => Some("nginx not found"),
         (Some(_), None) => Some("nginx did not start"),
         (Some(_), Some(_)) => None,
     };
-    let summary = report::Summary::build(&plan, &runs, passthrough, &rates, nginx_missing);
+    let bare_missing = bare_addr
+        .is_none()
+        .then_some("the bare proxy did not start");
+    let summary = report::Summary::build(
+        &plan,
+        &runs,
+        passthrough,
+        &rates,
+        nginx_missing,
+        bare_missing,
+    );
     print!("{}", summary.markdown());
     let machine = report::machine(nginx_bin.as_deref());
     let out = json!({

@@ -208,7 +208,7 @@ pub fn start_tollgate(bin: &Path, config: &Path, env: &[(&str, &str)]) -> Tollga
 }
 
 /// `listening proxy=A admin=B metrics=C` → the three addresses.
-fn parse_listening(line: &str) -> Option<[SocketAddr; 3]> {
+pub fn parse_listening(line: &str) -> Option<[SocketAddr; 3]> {
     let rest = line.trim().strip_prefix("listening ")?;
     let mut out = [None; 3];
     for part in rest.split_whitespace() {

@@ -29,6 +29,11 @@ pub struct Run {
     pub tollgate_cpu_s: Option<f64>,
     /// CPU seconds nginx (master and worker) used over the run.
     pub nginx_cpu_s: Option<f64>,
+    /// CPU seconds the bare Pingora proxy used over the run.
+    pub bare_cpu_s: Option<f64>,
+    /// CPU seconds of the benchmark process (the stub's thread) and the load generator over the
+    /// run.
+    pub bench_cpu_s: f64,
     /// CPU seconds all Postgres processes used over the run (the journal's inserts).
     pub postgres_cpu_s: f64,
     /// Seconds waited before the run for the previous one's leftovers to drain.
@@ -94,6 +99,8 @@ impl Run {
             },
             "tollgate_cpu_s": self.tollgate_cpu_s.map(round3),
             "nginx_cpu_s": self.nginx_cpu_s.map(round3),
+            "bare_pingora_cpu_s": self.bare_cpu_s.map(round3),
+            "stub_and_loadgen_cpu_s": round3(self.bench_cpu_s),
             "postgres_cpu_s": round3(self.postgres_cpu_s),
             "settle_s": round3(self.settle_s),
             "wall_s": round3(self.wall_s),
@@ -175,6 +182,56 @@ fn cpu_per_request(runs: &[&Run], cpu: fn(&Run) -> Option<f64>) -> Option<f64> {
     )
 }
 
+/// CPU µs per request of each process over a set of runs (medians over rounds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    /// The proxy in front: tollgate, nginx or the bare Pingora proxy (`None` for the stub).
+    pub proxy: Option<f64>,
+    pub redis: Option<f64>,
+    /// Of `redis`: executing scripts (`INFO commandstats`).
+    pub redis_scripts: Option<f64>,
+    pub postgres: Option<f64>,
+    /// The stub (a thread of the benchmark) and the load generator.
+    pub bench: Option<f64>,
+}
+
+impl Cpu {
+    fn of(runs: &[&Run], proxy: fn(&Run) -> Option<f64>) -> Cpu {
+        Cpu {
+            proxy: cpu_per_request(runs, proxy),
+            redis: cpu_per_request(runs, |r| Some(r.redis.cpu_s)),
+            redis_scripts: cpu_per_request(runs, |r| Some(r.redis.script_usec as f64 / 1e6)),
+            postgres: cpu_per_request(runs, |r| Some(r.postgres_cpu_s)),
+            bench: cpu_per_request(runs, |r| Some(r.bench_cpu_s)),
+        }
+    }
+
+    /// Every process together: what one request costs the machine.
+    pub fn total(&self) -> Option<f64> {
+        let parts = [self.proxy, self.redis, self.postgres, self.bench];
+        parts
+            .iter()
+            .any(Option::is_some)
+            .then(|| parts.iter().flatten().map(|x| x.max(0.0)).sum())
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "proxy": self.proxy.map(round1),
+            "redis": self.redis.map(round1),
+            "redis_scripts": self.redis_scripts.map(round1),
+            "postgres": self.postgres.map(round1),
+            "stub_and_loadgen": self.bench.map(round1),
+            "total": self.total().map(round1),
+        })
+    }
+}
+
+/// CPU µs with one decimal, `–` when not measured.
+fn cpu_cell(x: Option<f64>) -> String {
+    x.map_or("–".into(), |v| format!("{:.1}", v.max(0.0)))
+}
+
 /// Latency percentiles (µs) at one fixed rate, medians over rounds.
 #[derive(Debug, Clone, Copy)]
 pub struct Lat {
@@ -205,12 +262,9 @@ struct Row {
     /// Medians over the runs at the lowest rate: tollgate's own accounting.
     mean_overhead_us: Option<f64>,
     mean_debit_rtt_us: Option<f64>,
-    /// CPU µs per request at the lowest rate (medians over rounds): the proxy in front (tollgate
-    /// or nginx), Redis, Redis executing scripts, Postgres.
-    proxy_cpu_us: Option<f64>,
-    redis_cpu_us: Option<f64>,
-    redis_script_us: Option<f64>,
-    postgres_cpu_us: Option<f64>,
+    /// CPU µs per request of each process at the lowest rate and at saturation.
+    cpu_light: Cpu,
+    cpu_saturation: Cpu,
 }
 
 pub struct Summary {
@@ -237,6 +291,8 @@ impl Summary {
         rates: &[f64],
         // Why there is no nginx row, if there is none.
         nginx_missing: Option<&'static str>,
+        // Likewise for the bare Pingora row.
+        bare_missing: Option<&'static str>,
     ) -> Summary {
         let mid = plan
             .fractions
@@ -246,9 +302,15 @@ impl Summary {
         let rows = TARGETS
             .iter()
             .map(|t| {
+                let excluded = plan
+                    .only
+                    .as_ref()
+                    .is_some_and(|only| !only.iter().any(|n| n == t.name));
                 let missing = match (t.pending, t.via) {
                     (Some(why), _) => Some(Missing::Pending(why)),
+                    _ if excluded => Some(Missing::Skipped("not in --only")),
                     (None, Via::Nginx) => nginx_missing.map(Missing::Skipped),
+                    (None, Via::Bare) => bare_missing.map(Missing::Skipped),
                     _ => None,
                 };
                 let mine: Vec<&Run> = runs.iter().filter(|r| r.target == t.name).collect();
@@ -292,6 +354,7 @@ impl Summary {
                 let proxy_cpu: fn(&Run) -> Option<f64> = match t.via {
                     Via::Tollgate => |r| r.tollgate_cpu_s,
                     Via::Nginx => |r| r.nginx_cpu_s,
+                    Via::Bare => |r| r.bare_cpu_s,
                     Via::Direct => |_| None,
                 };
                 let metric = |name: &str| {
@@ -313,12 +376,15 @@ impl Summary {
                     failed: mine.iter().map(|r| r.failed()).sum(),
                     mean_overhead_us: metric("mean_overhead_us"),
                     mean_debit_rtt_us: metric("mean_debit_rtt_us"),
-                    proxy_cpu_us: cpu_per_request(&light_runs, proxy_cpu),
-                    redis_cpu_us: cpu_per_request(&light_runs, |r| Some(r.redis.cpu_s)),
-                    redis_script_us: cpu_per_request(&light_runs, |r| {
-                        Some(r.redis.script_usec as f64 / 1e6)
-                    }),
-                    postgres_cpu_us: cpu_per_request(&light_runs, |r| Some(r.postgres_cpu_s)),
+                    cpu_light: Cpu::of(&light_runs, proxy_cpu),
+                    cpu_saturation: Cpu::of(
+                        &mine
+                            .iter()
+                            .filter(|r| r.phase == Phase::Saturation)
+                            .copied()
+                            .collect::<Vec<_>>(),
+                        proxy_cpu,
+                    ),
                 }
             })
             .collect();
@@ -400,13 +466,14 @@ impl Summary {
         }
         let _ = writeln!(
             s,
-            "| target | rps at saturation | vs public | vs nginx | p50 @ {mid_pct} | p99 @ {mid_pct} | p99.9 @ {mid_pct} | added p50 vs public | added p99 vs public |"
+            "| target | rps at saturation | vs public | vs bare pingora | vs nginx | p50 @ {mid_pct} | p99 @ {mid_pct} | p99.9 @ {mid_pct} | added p50 vs public | added p99 vs public |"
         );
-        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         let public = self.row("public");
         let nginx = self.row("nginx");
         let public_sat = public.and_then(|r| r.saturation);
         let nginx_sat = nginx.and_then(|r| r.saturation);
+        let bare_sat = self.row("bare").and_then(|r| r.saturation);
         let public_lat = public.and_then(|r| r.at_rate.get(self.mid).copied().flatten());
         for row in &self.rows {
             let label = row.target.label;
@@ -414,7 +481,10 @@ impl Summary {
                 let why = match m {
                     Missing::Pending(why) | Missing::Skipped(why) => why,
                 };
-                let _ = writeln!(s, "| {label} | n/a ({why}) | – | – | – | – | – | – | – |");
+                let _ = writeln!(
+                    s,
+                    "| {label} | n/a ({why}) | – | – | – | – | – | – | – | – |"
+                );
                 continue;
             }
             let ratio = |base: Option<f64>| match (row.saturation, base) {
@@ -434,9 +504,10 @@ impl Summary {
             };
             let _ = writeln!(
                 s,
-                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.saturation.map_or("–".into(), thousands),
                 ratio(public_sat),
+                ratio(bare_sat),
                 ratio(nginx_sat),
                 cell(|l| l.p50),
                 cell(|l| l.p99),
@@ -468,6 +539,33 @@ impl Summary {
                     }
                     None => s.push_str(" – |"),
                 }
+            }
+            s.push('\n');
+        }
+
+        // CPU per request, every process.
+        let light_pct = self.plan.fractions.first().map_or("-".into(), |f| pct(*f));
+        let _ = writeln!(
+            s,
+            "\nCPU µs per request of each process (/proc, Redis `INFO cpu`; medians over rounds), at {light_pct} of the pass-through saturation and at saturation (the proxy column is tollgate, nginx or the bare Pingora proxy; Redis and Postgres are server-wide):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| target | proxy @ {light_pct} | Redis @ {light_pct} | Postgres @ {light_pct} | stub + load generator @ {light_pct} | total µs/request @ {light_pct} | proxy @ saturation | Redis @ saturation | Postgres @ saturation | stub + load generator @ saturation | total µs/request @ saturation |"
+        );
+        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for row in self.rows.iter().filter(|r| r.missing.is_none()) {
+            let _ = write!(s, "| {} |", row.target.label);
+            for c in [&row.cpu_light, &row.cpu_saturation] {
+                let _ = write!(
+                    s,
+                    " {} | {} | {} | {} | **{}** |",
+                    cpu_cell(c.proxy),
+                    cpu_cell(c.redis),
+                    cpu_cell(c.postgres),
+                    cpu_cell(c.bench),
+                    cpu_cell(c.total()),
+                );
             }
             s.push('\n');
         }
@@ -531,16 +629,17 @@ impl Summary {
         };
         let _ = writeln!(
             s,
-            "- CPU time per request at {light}, from /proc and Redis `INFO cpu`: nginx {}; tollgate public {}, metered {} + Redis {} (of which {} running the debit script) + Postgres {} (the journal), SSE {} + Redis {} + Postgres {}.",
-            cpu("nginx", |r| r.proxy_cpu_us),
-            cpu("public", |r| r.proxy_cpu_us),
-            cpu("metered", |r| r.proxy_cpu_us),
-            cpu("metered", |r| r.redis_cpu_us),
-            cpu("metered", |r| r.redis_script_us),
-            cpu("metered", |r| r.postgres_cpu_us),
-            cpu("sse", |r| r.proxy_cpu_us),
-            cpu("sse", |r| r.redis_cpu_us),
-            cpu("sse", |r| r.postgres_cpu_us),
+            "- CPU time per request at {light}, from /proc and Redis `INFO cpu`: bare pingora {}, nginx {}; tollgate public {}, metered {} + Redis {} (of which {} running the debit script) + Postgres {} (the journal), SSE {} + Redis {} + Postgres {}.",
+            cpu("bare", |r| r.cpu_light.proxy),
+            cpu("nginx", |r| r.cpu_light.proxy),
+            cpu("public", |r| r.cpu_light.proxy),
+            cpu("metered", |r| r.cpu_light.proxy),
+            cpu("metered", |r| r.cpu_light.redis),
+            cpu("metered", |r| r.cpu_light.redis_scripts),
+            cpu("metered", |r| r.cpu_light.postgres),
+            cpu("sse", |r| r.cpu_light.proxy),
+            cpu("sse", |r| r.cpu_light.redis),
+            cpu("sse", |r| r.cpu_light.postgres),
         );
         if let (Some(sse), Some(direct)) = (self.row("sse"), self.row("direct-sse")) {
             if let (Some(a), Some(b)) = (sse.saturation, direct.saturation) {
@@ -584,6 +683,7 @@ impl Summary {
         let nginx = self.row("nginx");
         let public_sat = public.and_then(|r| r.saturation);
         let nginx_sat = nginx.and_then(|r| r.saturation);
+        let bare_sat = self.row("bare").and_then(|r| r.saturation);
         let rows: Vec<Value> = self
             .rows
             .iter()
@@ -634,17 +734,14 @@ impl Summary {
                     "saturation_rps_per_round": row.saturation_runs,
                     "ratio_vs_public": ratio(public_sat),
                     "ratio_vs_nginx": ratio(nginx_sat),
+                    "ratio_vs_bare_pingora": ratio(bare_sat),
                     "at_rates": at_rate,
                     "requests": row.requests,
                     "requests_without_200": row.failed,
                     "tollgate_mean_overhead_us": row.mean_overhead_us,
                     "tollgate_mean_debit_rtt_us": row.mean_debit_rtt_us,
-                    "cpu_us_per_request": {
-                        "proxy": row.proxy_cpu_us.map(round1),
-                        "redis": row.redis_cpu_us.map(round1),
-                        "redis_scripts": row.redis_script_us.map(round1),
-                        "postgres": row.postgres_cpu_us.map(round1),
-                    },
+                    "cpu_us_per_request": row.cpu_light.json(),
+                    "cpu_us_per_request_saturation": row.cpu_saturation.json(),
                 })
             })
             .collect();

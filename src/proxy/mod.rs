@@ -82,7 +82,10 @@ pub struct RequestCtx {
     /// Renews a fixed-price request's concurrency lease while it runs.
     pub lease_keeper: Option<hold::LeaseKeeper>,
     /// The request's tracing span: every log line of the request carries its id and route.
+    /// On a `public` route it is a debug span (see `request_filter`).
     pub span: tracing::Span,
+    /// The route's metric handles (none before routing, or for a route added by a reload).
+    pub route_metrics: Option<Arc<crate::metrics::RouteMetrics>>,
 }
 
 /// The request's declared body size.
@@ -207,17 +210,25 @@ impl Gateway {
         }
     }
 
-    /// Route, auth, gates and debit (the body of `request_filter`, inside the request's span).
+    /// A `public` route: routing and proxying only.
+    fn pass_through(&self, session: &Session, ctx: &mut RequestCtx, route: Arc<RouteConfig>) {
+        ctx.route_metrics = self.state.metrics.route(&route.name);
+        ctx.route = Some(route);
+        // Not consumed, but a tollgate key must never reach an upstream.
+        ctx.credential_header = auth::credential(session)
+            .filter(|(_, token)| crate::auth::keys::looks_like_key(token))
+            .map(|(header, _)| header.name());
+    }
+
+    /// Auth, gates and debit on a routed request, or the answer to a self-service call or an
+    /// unrouted one (the body of `request_filter`, inside the request's span).
     async fn filter_request(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        snap: Arc<Snapshot>,
+        route: Option<Arc<RouteConfig>>,
     ) -> pingora::Result<bool> {
-        let snap = self.state.snapshot.load_full();
-        ctx.snapshot = Some(Arc::clone(&snap));
-        self.state.metrics.in_flight.inc();
-        ctx.counted_in_flight = true;
-
         if session
             .req_header()
             .uri
@@ -226,8 +237,8 @@ impl Gateway {
         {
             return self.self_service(session, ctx, &snap).await;
         }
-        let req = session.req_header();
-        let Some(route) = snap.router.find(&req.method, req.uri.path()).cloned() else {
+        let Some(route) = route else {
+            let req = session.req_header();
             ctx.unrouted = crate::metrics::ROUTE_UNMATCHED;
             let err = GatewayError::RouteNotFound {
                 method: req.method.to_string(),
@@ -235,15 +246,9 @@ impl Gateway {
             };
             return self.reject(session, ctx, err).await;
         };
+        ctx.route_metrics = self.state.metrics.route(&route.name);
         ctx.route = Some(Arc::clone(&route));
         ctx.span.record("route", route.name.as_str());
-        if route.public {
-            // Not consumed, but a tollgate key must never reach an upstream.
-            ctx.credential_header = auth::credential(session)
-                .filter(|(_, token)| crate::auth::keys::looks_like_key(token))
-                .map(|(header, _)| header.name());
-            return Ok(false);
-        }
 
         let (identity, header) = match auth::authenticate(&self.state, &snap, session).await {
             Ok(found) => found,
@@ -545,6 +550,7 @@ impl ProxyHttp for Gateway {
             metered: None,
             lease_keeper: None,
             span: tracing::Span::none(),
+            route_metrics: None,
         }
     }
 
@@ -554,15 +560,41 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session);
+        let snap = self.state.snapshot.load_full();
+        ctx.snapshot = Some(Arc::clone(&snap));
+        self.state.metrics.in_flight.inc();
+        ctx.counted_in_flight = true;
+        let req = session.req_header();
+        let route = if req.uri.path().starts_with(selfservice::PREFIX) {
+            None
+        } else {
+            snap.router.find(&req.method, req.uri.path()).cloned()
+        };
+        if let Some(route) = route.as_ref().filter(|r| r.public) {
+            // The pass-through logs nothing above debug, so its span is a debug span: at the
+            // default level it is never built, which saved formatting its fields, registering
+            // and entering it on every request (a measurable share of the route's CPU).
+            ctx.span = tracing::debug_span!(
+                "request",
+                request_id = %ctx.request_id,
+                method = %req.method,
+                route = route.name.as_str(),
+                account = tracing::field::Empty,
+            );
+            self.pass_through(session, ctx, Arc::clone(route));
+            return Ok(false);
+        }
         ctx.span = tracing::info_span!(
             "request",
             request_id = %ctx.request_id,
-            method = %session.req_header().method,
+            method = %req.method,
             route = tracing::field::Empty,
             account = tracing::field::Empty,
         );
         let span = ctx.span.clone();
-        self.filter_request(session, ctx).instrument(span).await
+        self.filter_request(session, ctx, snap, route)
+            .instrument(span)
+            .await
     }
 
     async fn request_body_filter(
@@ -1004,22 +1036,28 @@ impl ProxyHttp for Gateway {
                 |done| done.saturating_duration_since(started),
             )
         });
+        let metrics = &self.state.metrics;
+        let handles = ctx.route_metrics.as_deref();
         if let Some(wait) = upstream_wait {
-            self.state
-                .metrics
-                .upstream_seconds
-                .with_label_values(&[route])
-                .observe(wait.as_secs_f64());
+            let seconds = wait.as_secs_f64();
+            match handles {
+                Some(h) => h.upstream_seconds.observe(seconds),
+                None => metrics
+                    .upstream_seconds
+                    .with_label_values(&[route])
+                    .observe(seconds),
+            }
         }
-        self.state
-            .metrics
-            .overhead_seconds
-            .with_label_values(&[route])
-            .observe(
-                total
-                    .saturating_sub(upstream_wait.unwrap_or_default())
-                    .as_secs_f64(),
-            );
+        let overhead = total
+            .saturating_sub(upstream_wait.unwrap_or_default())
+            .as_secs_f64();
+        match handles {
+            Some(h) => h.overhead_seconds.observe(overhead),
+            None => metrics
+                .overhead_seconds
+                .with_label_values(&[route])
+                .observe(overhead),
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         // A forwarded request the upstream itself answered 5xx is told apart, so upstream
         // failures show on every route (tollgate's own 502/504 carry their error code).
@@ -1028,11 +1066,10 @@ impl ProxyHttp for Gateway {
             (Some(_), "forwarded") => "client_error",
             (_, outcome) => outcome,
         };
-        self.state
-            .metrics
-            .requests
-            .with_label_values(&[route, outcome])
-            .inc();
+        match handles {
+            Some(h) if outcome == "forwarded" => h.forwarded.inc(),
+            _ => metrics.requests.with_label_values(&[route, outcome]).inc(),
+        }
         let _in_span = ctx.span.enter();
         tracing::debug!(
             request_id = %ctx.request_id,
