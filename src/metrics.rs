@@ -467,20 +467,8 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
-    const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[redis]
-url = "redis://127.0.0.1"
-[postgres]
-url = "postgres://x@127.0.0.1/db"
-[[upstreams]]
-name = "u"
-url = "http://127.0.0.1:1"
+    const ROUTES: &str = r#"
 [[routes]]
 name = "open"
 path_prefix = "/"
@@ -498,7 +486,7 @@ public = true
     /// The handles the request path uses are the exported labelled series, not copies.
     #[test]
     fn route_handles_update_the_labelled_series() {
-        let config = Config::from_toml(CONFIG, Path::new("t"), &|_| None).unwrap();
+        let config = crate::config::for_tests(ROUTES);
         let m = Metrics::new().unwrap();
         assert!(m.route("open").is_none(), "no handles before expect_routes");
         m.expect_routes(&config);

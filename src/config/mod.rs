@@ -325,5 +325,30 @@ fn floats_as_literal_text(text: &str) -> Result<String, toml_edit::TomlError> {
     Ok(doc.to_string())
 }
 
+/// A config for unit tests elsewhere in the crate: listeners on port 0, a local Redis and
+/// Postgres and one upstream `u`, followed by the test's own routes and tiers.
+#[cfg(test)]
+pub(crate) fn for_tests(routes_and_tiers: &str) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1"
+[postgres]
+url = "postgres://x@127.0.0.1/db"
+[[upstreams]]
+name = "u"
+url = "http://127.0.0.1:1"
+{routes_and_tiers}"#
+    );
+    Config::from_toml(&text, Path::new("t.toml"), &|_| {
+        Some("0123456789abcdef".into())
+    })
+    .unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
 #[cfg(test)]
 mod tests;

@@ -154,31 +154,11 @@ pub fn content_length(session: &Session) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn config(tiers: &str) -> Config {
-        let text = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[redis]
-url = "redis://127.0.0.1"
-[postgres]
-url = "postgres://x@127.0.0.1/db"
-[[upstreams]]
-name = "u"
-url = "http://127.0.0.1:1"
-[[routes]]
-name = "r"
-path_prefix = "/"
-upstream = "u"
-cost = 1
-{tiers}
-"#
-        );
-        Config::from_toml(&text, Path::new("t"), &|_| None).unwrap()
+        crate::config::for_tests(&format!(
+            "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\ncost = 1\n{tiers}\n"
+        ))
     }
 
     #[test]

@@ -42,21 +42,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use std::path::Path;
 
     fn router() -> (Router, Config) {
         let text = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[redis]
-url = "redis://127.0.0.1"
-[postgres]
-url = "postgres://x@127.0.0.1/db"
-[[upstreams]]
-name = "u"
-url = "http://127.0.0.1:1"
 [[routes]]
 name = "any_v1"
 path_prefix = "/v1"
@@ -79,8 +67,7 @@ path_prefix = "/"
 upstream = "u"
 public = true
 "#;
-        let c =
-            Config::from_toml(text, Path::new("t"), &|_| Some("0123456789abcdef".into())).unwrap();
+        let c = crate::config::for_tests(text);
         (Router::new(&c.routes), c)
     }
 

@@ -280,23 +280,10 @@ pub async fn finish_hold(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::pricing::Rates;
-    use std::path::Path;
     use std::sync::Arc;
 
-    const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[redis]
-url = "redis://127.0.0.1"
-[postgres]
-url = "postgres://x@127.0.0.1/db"
-[[upstreams]]
-name = "u"
-url = "http://127.0.0.1:1"
+    const ROUTES: &str = r#"
 [[routes]]
 name = "default"
 path_prefix = "/d"
@@ -317,7 +304,7 @@ refund_on = []
 "#;
 
     fn route(name: &str) -> Arc<RouteConfig> {
-        let c = Config::from_toml(CONFIG, Path::new("t"), &|_| None).unwrap();
+        let c = crate::config::for_tests(ROUTES);
         c.routes.into_iter().find(|r| r.name == name).unwrap()
     }
 
