@@ -127,32 +127,8 @@ pub async fn set_tier(
         .ledger
         .set_tier(&mut conn, &id, &body.tier, monthly, &entry_id)
         .await?;
-    let prefix = config.redis.key_prefix.clone();
-    if let Err(e) = crate::auth::invalidation::publish(
-        &mut conn,
-        &prefix,
-        &state.caches,
-        crate::auth::invalidation::Invalidation::Account(&id),
-    )
-    .await
-    {
-        tracing::error!(error = %e, account = %id, "could not announce the tier change");
-    }
-    let index = crate::auth::redis_keys::KeyIndex::new(&prefix, config.redis.shards);
-    if let Err(e) = index
-        .patch_account(
-            &mut conn,
-            &id,
-            "tier",
-            &body.tier,
-            crate::auth::redis_keys::now_version(),
-        )
-        .await
-    {
-        // The key records keep the old tier until re-filled; the debit script answers with
-        // the account's real tier, which the proxy follows.
-        tracing::error!(error = %e, account = %id, "could not update the key records' tier");
-    }
+    crate::auth::invalidation::tier_changed(&mut conn, &config, &state.caches, &id, &body.tier)
+        .await;
     tracing::info!(account = %id, tier = %body.tier, "tier changed");
     account_with_balance(&state, &config, row).await.map(Json)
 }

@@ -95,3 +95,28 @@ pub async fn listen(
         }
     }
 }
+
+/// After an account's tier changed (admin call or Stripe event): its key records in Redis get
+/// the new tier and every instance drops what it cached of the account. Failures are logged,
+/// not returned: the change itself is committed, and the debit script answers with the
+/// account's real tier, which the proxy follows until the records are re-filled.
+pub async fn tier_changed(
+    redis: &mut crate::redis_conn::RedisConn,
+    config: &crate::config::Config,
+    caches: &AuthCaches,
+    account_id: &str,
+    tier: &str,
+) {
+    let prefix = &config.redis.key_prefix;
+    let index = super::redis_keys::KeyIndex::new(prefix, config.redis.shards);
+    let version = super::redis_keys::now_version();
+    if let Err(e) = index
+        .patch_account(redis, account_id, "tier", tier, version)
+        .await
+    {
+        tracing::error!(error = %e, account = %account_id, "could not update the key records' tier");
+    }
+    if let Err(e) = publish(redis, prefix, caches, Invalidation::Account(account_id)).await {
+        tracing::error!(error = %e, account = %account_id, "could not announce the tier change");
+    }
+}

@@ -196,27 +196,7 @@ pub async fn process(state: &AppState, event: &Event) -> Result<Processed, Handl
     if let (Some(tier), Some(id)) = (tier_changed, &account_id) {
         // After the commit, so other instances re-read the new tier.
         let mut conn = state.redis.clone();
-        let index =
-            crate::auth::redis_keys::KeyIndex::new(&config.redis.key_prefix, config.redis.shards);
-        let version = crate::auth::redis_keys::now_version();
-        if let Err(e) = index
-            .patch_account(&mut conn, id, "tier", &tier, version)
-            .await
-        {
-            // The key records keep the old tier until re-filled; the debit script answers with
-            // the account's real tier, which the proxy follows.
-            tracing::error!(error = %e, account = %id, "could not update the key records' tier");
-        }
-        if let Err(e) = crate::auth::invalidation::publish(
-            &mut conn,
-            &config.redis.key_prefix,
-            &state.caches,
-            crate::auth::invalidation::Invalidation::Account(id),
-        )
-        .await
-        {
-            tracing::error!(error = %e, account = %id, "could not announce the tier change");
-        }
+        crate::auth::invalidation::tier_changed(&mut conn, &config, &state.caches, id, &tier).await;
     }
     Ok(Processed {
         outcome,
