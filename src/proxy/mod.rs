@@ -16,7 +16,7 @@ pub mod settle;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -521,9 +521,21 @@ impl Gateway {
     ) -> pingora::Result<bool> {
         ctx.outcome = err.code();
         respond::error(session, &err, &ctx.request_id).await?;
+        if matches!(err, GatewayError::PayloadTooLarge { .. }) {
+            // The client may still be sending the body it declared. Closing with it unread makes
+            // the kernel answer with a reset that can destroy the 413 before the client reads it
+            // (a lingering close, as nginx does): read and discard for a bounded time first.
+            session.set_total_drain_timeout(Some(REFUSED_BODY_DRAIN));
+            if let Err(e) = session.drain_request_body().await {
+                tracing::debug!(error = %e, "refused body not drained");
+            }
+        }
         Ok(true)
     }
 }
+
+/// How long a body refused as too large is read and discarded before the connection closes.
+const REFUSED_BODY_DRAIN: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl ProxyHttp for Gateway {
