@@ -12,7 +12,10 @@
 //!   page, a deep page by cursor and a page under a tier's `history_days`, and the audit /
 //!   hydration sums of an account; each `--runs` times on random accounts (median, p90), plus
 //!   its `EXPLAIN (ANALYZE, BUFFERS)` shape: scan types, partitions scanned, buffers;
-//! - the flusher's insert of a 1,000-entry batch into the big table;
+//! - the flusher's insert of a 1,000-entry batch into the big table, and the Postgres CPU per
+//!   row of each write path (UNNEST … ON CONFLICT, COPY into staging + INSERT, COPY straight in,
+//!   the flusher's `write_batch`), read from the backend's `/proc/<pid>/schedstat` (`--cpu-rows N`,
+//!   default 200,000 rows per path);
 //! - maintenance: `ensure_partitions` with nothing to do, creating a month whose rows sit in
 //!   DEFAULT, and rolling the oldest month up (retention), also as a dry run;
 //! - the upgrade: migration 0004 on another database holding the same rows in the old,
@@ -45,6 +48,8 @@ struct Args {
     runs: usize,
     /// Also time migration 0004 on an unpartitioned journal of `rows` rows.
     migration: bool,
+    /// Rows written per write path when measuring Postgres CPU per row.
+    cpu_rows: u64,
 }
 
 fn args() -> Args {
@@ -54,6 +59,7 @@ fn args() -> Args {
         months: 12,
         runs: 25,
         migration: true,
+        cpu_rows: 200_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -68,6 +74,7 @@ fn args() -> Args {
             "--accounts" => a.accounts = value().parse().expect("--accounts N"),
             "--months" => a.months = value().parse().expect("--months N"),
             "--runs" => a.runs = value().parse().expect("--runs N"),
+            "--cpu-rows" => a.cpu_rows = value().parse().expect("--cpu-rows N"),
             "--no-migration" => {
                 a.migration = false;
                 i += 1;
@@ -172,6 +179,153 @@ impl Drop for Database {
         });
         let _ = done.join();
         eprintln!("dropped database {}", self.name);
+    }
+}
+
+/// A way of writing a journal batch, measured for Postgres CPU per row.
+#[derive(Debug, Clone, Copy)]
+enum WritePath {
+    /// What the flusher runs (`tollgate::journal::write::write_batch`).
+    Flusher,
+    Unnest,
+    CopyStaged,
+    CopyDirect,
+}
+
+impl WritePath {
+    fn label(self) -> &'static str {
+        match self {
+            WritePath::Flusher => "flusher's path (write_batch)",
+            WritePath::Unnest => "INSERT … SELECT FROM UNNEST … ON CONFLICT DO NOTHING",
+            WritePath::CopyStaged => {
+                "binary COPY into temp staging + INSERT … SELECT … ON CONFLICT DO NOTHING"
+            }
+            WritePath::CopyDirect => "binary COPY straight into ledger_entries (no ON CONFLICT)",
+        }
+    }
+
+    async fn write(
+        self,
+        conn: &mut sqlx::PgConnection,
+        b: &[tollgate::journal::entry::JournalEntry],
+    ) -> u64 {
+        use tollgate::journal::write;
+        if let WritePath::Flusher = self {
+            return write::write_batch(conn, b).await.unwrap();
+        }
+        let mut tx = conn.begin().await.unwrap();
+        let n = match self {
+            WritePath::Unnest => write::insert_unnest(&mut tx, b).await.unwrap(),
+            WritePath::CopyStaged => write::copy_staged(&mut tx, b).await.unwrap(),
+            WritePath::CopyDirect => write::copy_direct(&mut tx, b).await.unwrap(),
+            WritePath::Flusher => unreachable!(),
+        };
+        tx.commit().await.unwrap();
+        n
+    }
+}
+
+/// CPU time a process has run, in ns (`/proc/<pid>/schedstat`, first field: nanosecond
+/// precision, unlike utime+stime in clock ticks); `None` if unreadable (another machine).
+fn cpu_ns(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Postgres CPU per journal row of each write path: the CPU of the backend that runs the
+/// writes (its pid's schedstat before and after `--cpu-rows` rows), plus the WAL writer,
+/// background writer and checkpointer (shared by every database on the server: other load
+/// shows up there, so it is reported apart). Needs Postgres on this machine.
+async fn measure_write_cpu(pool: &PgPool, a: &Args, report: &mut String) {
+    let background: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+          WHERE backend_type IN ('walwriter', 'background writer', 'checkpointer')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let bg_ns = || background.iter().filter_map(|p| cpu_ns(*p)).sum::<u64>();
+    let _ = writeln!(
+        report,
+        "\n| journal write path ({} rows per path, synchronous_commit on) | batch | backend CPU µs/row | background CPU µs/row | wall µs/row |\n|---|---|---|---|---|",
+        a.cpu_rows
+    );
+    let mut seq = 1_000_000u64;
+    let paths = [
+        (WritePath::Unnest, 1000),
+        (WritePath::CopyStaged, 1000),
+        (WritePath::CopyDirect, 1000),
+        (WritePath::Unnest, 10_000),
+        (WritePath::CopyStaged, 10_000),
+        (WritePath::CopyDirect, 10_000),
+        (WritePath::Flusher, 1000),
+    ];
+    for (path, size) in paths {
+        let mut conn = pool.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        if cpu_ns(pid).is_none() {
+            let _ = writeln!(
+                report,
+                "| {} | {size} | (Postgres is not on this machine: /proc/{pid} unreadable) | | |",
+                path.label()
+            );
+            continue;
+        }
+        // Warm-up: plans cached, the staging table created.
+        seq += 1;
+        path.write(&mut conn, &batch(size, seq, Utc::now(), a.accounts))
+            .await;
+        let batches = (a.cpu_rows as usize).div_ceil(size);
+        let prepared: Vec<_> = (0..batches)
+            .map(|_| {
+                seq += 1;
+                batch(size, seq, Utc::now(), a.accounts)
+            })
+            .collect();
+        let (cpu0, bg0, t) = (cpu_ns(pid).unwrap(), bg_ns(), Instant::now());
+        let mut written = 0;
+        for b in &prepared {
+            written += path.write(&mut conn, b).await;
+        }
+        let wall = t.elapsed();
+        let (cpu1, bg1) = (cpu_ns(pid).unwrap(), bg_ns());
+        assert_eq!(written, (batches * size) as u64, "{}", path.label());
+        let rows = written as f64;
+        let _ = writeln!(
+            report,
+            "| {} | {size} | {:.2} | {:.2} | {:.2} |",
+            path.label(),
+            (cpu1 - cpu0) as f64 / 1000.0 / rows,
+            bg1.saturating_sub(bg0) as f64 / 1000.0 / rows,
+            wall.as_secs_f64() * 1e6 / rows
+        );
+        // A re-delivery of the last batches (every row already stored) on the paths that
+        // take one: what a flusher restart costs.
+        if matches!(
+            path,
+            WritePath::Unnest | WritePath::CopyStaged | WritePath::Flusher
+        ) {
+            let again = &prepared[prepared.len().saturating_sub(10)..];
+            let (cpu0, t) = (cpu_ns(pid).unwrap(), Instant::now());
+            let mut n = 0;
+            for b in again {
+                n += b.len();
+                assert_eq!(path.write(&mut conn, b).await, 0);
+            }
+            let _ = writeln!(
+                report,
+                "| … re-delivered (all conflicts) | {size} | {:.2} | | {:.2} |",
+                (cpu_ns(pid).unwrap() - cpu0) as f64 / 1000.0 / n as f64,
+                t.elapsed().as_secs_f64() * 1e6 / n as f64
+            );
+        }
     }
 }
 
@@ -758,6 +912,8 @@ async fn bench(a: Args) {
         "| flusher insert, 1,000 entries (ON CONFLICT DO NOTHING) | {p50:.2} ms | {p90:.2} ms | {:.0} rows/s at the median |",
         1000.0 / (p50 / 1000.0)
     );
+
+    measure_write_cpu(&pool, &a, &mut report).await;
 
     // Maintenance.
     let _ = writeln!(report, "\n| maintenance | time | what |\n|---|---|---|");

@@ -154,6 +154,7 @@ TOLLGATE_ADMIN_TOKEN=check-dockerfile-0123456789 \
 TOLLGATE_DATABASE_URL=postgres://tollgate:x@postgres:5432/tollgate \
 TOLLGATE_REDIS_URL=redis://:x@redis:6379/0 \
 TOLLGATE_UPSTREAM_URL=http://demo-upstream:7001 \
+TOLLGATE_UPSTREAM_URL_2=http://demo-upstream-2:7001 \
 UPSTREAM_API_KEY=x \
     target/docker/tollgate check-config --config deploy/tollgate.toml
 note "ok: the image's build steps pass here ($(du -h target/docker/tollgate | cut -f1) binary)"

@@ -67,6 +67,9 @@ enum Command {
     /// request's due time) or closed loop over `--connections`; prints HDR latency percentiles,
     /// throughput and status counts (`--json` for machines).
     Loadtest(Box<crate::loadtest::Args>),
+    /// Print the admin API's OpenAPI document (YAML), generated from the handlers; this is
+    /// what `docs/openapi.yaml` must hold.
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +120,10 @@ enum JournalCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init();
+    // `serve` installs its logging once its config is read ([telemetry]).
+    if !matches!(cli.command, Command::Serve { .. }) {
+        crate::telemetry::init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -140,6 +146,10 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Openapi => {
+            print!("{}", crate::admin::openapi::yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             for missing in &cfg.missing_secrets {
@@ -215,13 +225,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Loadtest(args) => Ok(crate::loadtest::run_cli(*args)?),
         Command::Serve { config, no_migrate } => {
             let cfg = Config::load(&config)?;
+            // Before the runtime: the trace exporter's blocking client lives on plain threads.
+            let telemetry = crate::telemetry::init_serve(&cfg.telemetry)?;
             let threads = cfg.server.threads;
-            runtime(threads)?.block_on(crate::server::serve(
+            let served = runtime(threads)?.block_on(crate::server::serve(
                 cfg,
                 crate::server::ServeOptions {
                     migrate: !no_migrate,
                 },
-            ))?;
+            ));
+            // The runtime is gone; send the spans still queued.
+            telemetry.shutdown();
+            served?;
             Ok(ExitCode::SUCCESS)
         }
     }

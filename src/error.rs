@@ -16,6 +16,9 @@ fn credits_amount(c: Credits) -> String {
     }
 }
 
+/// `Retry-After` of a 503 `auth_keys_unavailable` (the JWKS is retried about this often).
+const AUTH_KEYS_RETRY_AFTER_SECS: u64 = 5;
+
 /// Errors the proxy answers itself instead of forwarding.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -72,6 +75,12 @@ pub enum GatewayError {
     #[error("metering is unavailable; the request was not forwarded")]
     MeteringUnavailable,
 
+    /// A JWT's signing keys come from a JWKS that has not been loaded since the start (the
+    /// identity provider is unreachable): the token cannot be judged either way, so it is not
+    /// called invalid; the client retries.
+    #[error("the keys to verify this token are not available yet; retry shortly")]
+    AuthKeysUnavailable,
+
     #[error("{}", model_note(.model.as_deref()))]
     ModelNotPriced { model: Option<String> },
 
@@ -124,7 +133,7 @@ impl GatewayError {
             | GatewayError::QuotaExceeded { .. }
             | GatewayError::ConcurrencyLimited { .. } => 429,
             GatewayError::PayloadTooLarge { .. } => 413,
-            GatewayError::MeteringUnavailable => 503,
+            GatewayError::MeteringUnavailable | GatewayError::AuthKeysUnavailable => 503,
             GatewayError::ModelNotPriced { .. } | GatewayError::BadRequest { .. } => 400,
             GatewayError::UpstreamUnavailable { .. } => 502,
             GatewayError::UpstreamTimeout { .. } => 504,
@@ -145,6 +154,7 @@ impl GatewayError {
             GatewayError::ConcurrencyLimited { .. } => "rate_limited",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::MeteringUnavailable => "metering_unavailable",
+            GatewayError::AuthKeysUnavailable => "auth_keys_unavailable",
             GatewayError::ModelNotPriced { .. } => "model_not_priced",
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::LimitReached { .. } => "limit_reached",
@@ -198,6 +208,9 @@ impl GatewayError {
                 body.insert("limit".into(), json!(limit));
                 body.insert("retry_after".into(), json!(1));
             }
+            GatewayError::AuthKeysUnavailable => {
+                body.insert("retry_after".into(), json!(AUTH_KEYS_RETRY_AFTER_SECS));
+            }
             GatewayError::UpstreamUnavailable { refunded }
             | GatewayError::UpstreamTimeout { refunded } => {
                 body.insert("refunded".into(), json!(refunded));
@@ -249,6 +262,9 @@ impl GatewayError {
                 ),
             ],
             GatewayError::ConcurrencyLimited { .. } => vec![("retry-after", "1".into())],
+            GatewayError::AuthKeysUnavailable => {
+                vec![("retry-after", AUTH_KEYS_RETRY_AFTER_SECS.to_string())]
+            }
             _ => Vec::new(),
         }
     }

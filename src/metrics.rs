@@ -1,3 +1,6 @@
+//! Longer than 500 lines because one constructor registers every metric family in one place
+//! (tests/e2e/deploy_files.rs reads this file for their names).
+//!
 //! Prometheus metrics, served as text on `metrics_listen` `/metrics`. Names are `tollgate_*`
 //! with the conventional `_total` / `_seconds` suffixes.
 
@@ -6,8 +9,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::Config;
@@ -20,6 +23,9 @@ pub const ROUTE_AUTH: &str = "_auth";
 pub const ROUTE_SELF_SERVICE: &str = "_self_service";
 /// `route` label of a path no route matches (404 `route_not_found`).
 pub const ROUTE_UNMATCHED: &str = "_unmatched";
+
+/// The `outcome` label values of `tollgate_config_reloads_total`.
+pub const RELOAD_OUTCOMES: [&str; 3] = ["applied", "invalid", "restart_required"];
 
 /// Outcomes of a request on a configured route (`tollgate_requests_total{outcome}`): besides
 /// `forwarded`, `upstream_5xx`, `client_error` and `unmetered`, every `GatewayError` code but
@@ -39,6 +45,7 @@ const ROUTE_OUTCOMES: &[&str] = &[
     "quota_exceeded",
     "payload_too_large",
     "metering_unavailable",
+    "auth_keys_unavailable",
     "model_not_priced",
     "invalid_request",
     "limit_reached",
@@ -68,6 +75,10 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// Accounts loaded from Postgres into Redis.
     pub hydrations: IntCounter,
+    /// Metered requests by how they were admitted: `slice` (no Redis call) or `exact`.
+    pub admissions: IntCounterVec,
+    /// Credit-slice reports (one script call per shard) by outcome.
+    pub slice_reports: IntCounterVec,
     /// Requests forwarded unmetered because Redis was unavailable on a `fail_mode = "open"` route.
     pub unmetered: IntCounterVec,
     /// Requests currently being proxied.
@@ -110,6 +121,19 @@ pub struct Metrics {
     /// Outgoing alert webhooks: delivered, retry (a failed attempt to be retried), failed
     /// (given up after `alerts.max_attempts`).
     pub alert_deliveries: IntCounterVec,
+    /// The config version serving now: 1 at start, +1 per successful reload (SIGHUP or
+    /// `POST /v1/config/reload`), so a fleet whose pods disagree shows it.
+    pub config_version: IntGauge,
+    /// Reload attempts by outcome: applied, invalid (the file did not validate), restart_required
+    /// (it changed a field only a restart applies). The old config keeps serving on the last two.
+    pub config_reloads: IntCounterVec,
+    /// Attempts sent to each backend of a load-balanced upstream (`urls`), by upstream and
+    /// backend (`host:port` as configured).
+    pub backend_requests: IntCounterVec,
+    /// Connections to a backend that failed (the backend is then ejected for `eject_ms`).
+    pub backend_errors: IntCounterVec,
+    /// 1 while a backend passes its active health checks, else 0 (1 without health checks).
+    pub backend_healthy: IntGaugeVec,
     /// Each configured route's per-request series, resolved once ([`Metrics::expect_routes`]).
     routes: ArcSwap<HashMap<String, Arc<RouteMetrics>>>,
 }
@@ -205,7 +229,20 @@ impl Metrics {
             "Failed attempts to reach Postgres",
         )?;
         r.register(Box::new(postgres_connect_failures.clone()))?;
+        let config_version = IntGauge::new(
+            "tollgate_config_version",
+            "Config version serving: 1 at start, +1 per successful reload",
+        )?;
+        r.register(Box::new(config_version.clone()))?;
+        config_version.set(1);
         let m = Metrics {
+            config_version,
+            config_reloads: counter(
+                &r,
+                "tollgate_config_reloads_total",
+                "Config reload attempts by outcome",
+                &["outcome"],
+            )?,
             journal_backlog_oldest_seconds,
             postgres_up,
             postgres_connect_failures,
@@ -254,6 +291,29 @@ impl Metrics {
                 "Debits whose reply was lost, by resolution (voided, not_run, gave_up)",
                 &["outcome"],
             )?,
+            backend_requests: counter(
+                &r,
+                "tollgate_backend_requests_total",
+                "Attempts sent to each backend of a load-balanced upstream",
+                &["upstream", "backend"],
+            )?,
+            backend_errors: counter(
+                &r,
+                "tollgate_backend_errors_total",
+                "Failed connections to a backend of a load-balanced upstream",
+                &["upstream", "backend"],
+            )?,
+            backend_healthy: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tollgate_backend_healthy",
+                        "1 while a backend of a load-balanced upstream passes its health checks, else 0",
+                    ),
+                    &["upstream", "backend"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             credits_reapplied: counter(
                 &r,
                 "tollgate_credits_reapplied_total",
@@ -329,6 +389,18 @@ impl Metrics {
                 "Requests forwarded unmetered (fail_mode = open)",
                 &["route"],
             )?,
+            admissions: counter(
+                &r,
+                "tollgate_metered_admissions_total",
+                "Metered requests by admission path: slice (served from this instance's credit slice, no Redis call) or exact (one debit call)",
+                &["path"],
+            )?,
+            slice_reports: counter(
+                &r,
+                "tollgate_slice_reports_total",
+                "Credit-slice reports sent to Redis, by outcome (ok, error)",
+                &["outcome"],
+            )?,
             hydrations,
             in_flight,
             registry: r,
@@ -352,7 +424,14 @@ impl Metrics {
             m.plan_rejections.with_label_values(&[reason]);
         }
         m.redis_script_seconds.with_label_values(&["debit"]);
-        for script in ["debit", "extend", "settle", "refund"] {
+        m.redis_script_seconds.with_label_values(&["slice"]);
+        for path in ["slice", "exact"] {
+            m.admissions.with_label_values(&[path]);
+        }
+        for outcome in ["ok", "error"] {
+            m.slice_reports.with_label_values(&[outcome]);
+        }
+        for script in ["debit", "extend", "settle", "refund", "slice"] {
             m.redis_errors.with_label_values(&[script]);
         }
         for cause in ["postgres", "redis", "bad_entry"] {
@@ -399,6 +478,9 @@ impl Metrics {
         }
         for outcome in ["delivered", "retry", "failed"] {
             m.alert_deliveries.with_label_values(&[outcome]);
+        }
+        for outcome in RELOAD_OUTCOMES {
+            m.config_reloads.with_label_values(&[outcome]);
         }
         Ok(m)
     }

@@ -21,6 +21,16 @@ use crate::proxy::Gateway;
 use crate::redis_conn::{RedisConn, RedisTarget};
 use crate::state::{AppState, Snapshot};
 
+mod accept;
+mod stores;
+
+use accept::{accept_loop, wait_for_signal};
+pub use stores::{
+    connect_postgres, connect_redis, connect_redis_with_timeout, lazy_postgres, postgres_ready,
+    redact,
+};
+use stores::{watch_postgres, PG_ACQUIRE_TIMEOUT};
+
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,194 +50,12 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("server.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct ServeOptions {
     pub migrate: bool,
-}
-
-/// Connects Redis (one server or a cluster, as `redis.url` says), failing fast with a clear
-/// reason instead of retrying forever.
-pub async fn connect_redis(
-    cfg: &crate::config::raw::Redis,
-) -> Result<(RedisTarget, RedisConn), StartError> {
-    connect_redis_with_timeout(cfg, Duration::from_millis(cfg.timeout_ms)).await
-}
-
-/// Like [`connect_redis`], with another response timeout (the flusher's batch reads and the
-/// CLI's audits are not on the hot path and may take longer than `redis.timeout_ms`).
-pub async fn connect_redis_with_timeout(
-    cfg: &crate::config::raw::Redis,
-    timeout: Duration,
-) -> Result<(RedisTarget, RedisConn), StartError> {
-    let fail = |reason: String| StartError::Redis {
-        url: redact(&cfg.url),
-        reason,
-    };
-    let target = RedisTarget::parse(&cfg.url).map_err(|e| fail(e.to_string()))?;
-    let conn = target
-        .connect(timeout, Duration::from_secs(5))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    Ok((target, conn))
-}
-
-/// Connects Postgres (and migrates when asked).
-pub async fn connect_postgres(config: &Config, migrate: bool) -> Result<sqlx::PgPool, StartError> {
-    let pool = crate::store::connect(&config.postgres)
-        .await
-        .map_err(|e| StartError::Postgres(format!("{} ({e})", redact(&config.postgres.url))))?;
-    if migrate {
-        crate::store::migrate(&pool).await?;
-    }
-    Ok(pool)
-}
-
-/// How long a caller waits for a Postgres connection: an admin call during an outage answers
-/// 503 `store_unavailable` after this, instead of hanging.
-const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often Postgres is probed while it is down, and while it answers.
-const PG_PROBE_DOWN_EVERY: Duration = Duration::from_secs(1);
-const PG_PROBE_UP_EVERY: Duration = Duration::from_secs(5);
-
-/// A pool that connects on first use, so `serve` starts (and the data plane serves from
-/// Redis) while Postgres is down: its users get errors until it is back. Only a URL that does
-/// not parse stops the start.
-pub fn lazy_postgres(config: &Config) -> Result<sqlx::PgPool, StartError> {
-    let options: sqlx::postgres::PgConnectOptions = config
-        .postgres
-        .url
-        .parse()
-        .map_err(|e| StartError::Postgres(format!("{} ({e})", redact(&config.postgres.url))))?;
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.postgres.max_connections)
-        .acquire_timeout(PG_ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options.application_name("tollgate")))
-}
-
-/// Why Postgres cannot be reached, in the server's or the OS's words: the pool only says it
-/// timed out, so one direct connection attempt is made to tell "down" from "wrong URL".
-async fn pg_reason(url: &str, pool_error: &sqlx::Error) -> String {
-    use sqlx::Connection;
-    let attempt = tokio::time::timeout(PG_ACQUIRE_TIMEOUT, sqlx::PgConnection::connect(url)).await;
-    match attempt {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            pool_error.to_string()
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {PG_ACQUIRE_TIMEOUT:?} ({pool_error})"),
-    }
-}
-
-/// Probes Postgres in the background: keeps `tollgate_postgres_up` and the failure counter,
-/// logs once when it goes missing and once when it is back (not every retry), applies the
-/// migrations (with `migrate`) as soon as it answers, and then sets `ready`, which the tasks
-/// that need the schema (flusher, partition maintenance, reconciler, unanswered debits)
-/// wait for.
-async fn watch_postgres(
-    pg: sqlx::PgPool,
-    url: String,
-    migrate: bool,
-    metrics: Arc<Metrics>,
-    ready: watch::Sender<bool>,
-    stop: CancellationToken,
-) {
-    use std::sync::atomic::Ordering;
-    let mut outage_logged = false;
-    let mut migrate_failure_logged = false;
-    let mut migrated = !migrate;
-    loop {
-        let probe = tokio::time::timeout(
-            PG_ACQUIRE_TIMEOUT * 2,
-            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&pg),
-        )
-        .await
-        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
-        let wait = match probe {
-            Ok(_) => {
-                if outage_logged {
-                    tracing::warn!("Postgres is back; the journal catches up");
-                    outage_logged = false;
-                }
-                metrics.postgres_up.set(1);
-                metrics.postgres_down_since.store(0, Ordering::Relaxed);
-                if !migrated {
-                    match crate::store::migrate(&pg).await {
-                        Ok(()) => {
-                            migrated = true;
-                            tracing::info!("migrations applied");
-                        }
-                        Err(e) if !migrate_failure_logged => {
-                            migrate_failure_logged = true;
-                            tracing::error!(error = %e, "cannot apply migrations; retrying in the background");
-                        }
-                        Err(_) => {}
-                    }
-                }
-                if migrated {
-                    ready.send_if_modified(|r| !std::mem::replace(r, true));
-                    PG_PROBE_UP_EVERY
-                } else {
-                    PG_PROBE_DOWN_EVERY
-                }
-            }
-            Err(e) => {
-                metrics.postgres_connect_failures.inc();
-                metrics.postgres_up.set(0);
-                let now = chrono::Utc::now().timestamp();
-                let _ = metrics.postgres_down_since.compare_exchange(
-                    0,
-                    now,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                if !outage_logged {
-                    outage_logged = true;
-                    let reason = pg_reason(&url, &e).await;
-                    tracing::warn!(
-                        url = %redact(&url),
-                        %reason,
-                        "Postgres unavailable: serving from Redis; the journal waits in Redis; retrying in the background"
-                    );
-                }
-                PG_PROBE_DOWN_EVERY
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Waits until Postgres is reachable and migrated; `false` when stopped first.
-pub async fn postgres_ready(ready: &mut watch::Receiver<bool>, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = stop.cancelled() => false,
-        r = ready.wait_for(|r| *r) => r.is_ok(),
-    }
-}
-
-/// Hides a password in a URL before it is printed (also in a cluster URL's node list, which
-/// is not one URL to a parser).
-pub fn redact(url: &str) -> String {
-    if let Ok(mut u) = url::Url::parse(url) {
-        if u.password().is_some() && u.set_password(Some("***")).is_ok() {
-            return u.to_string();
-        }
-    }
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -269,7 +97,14 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         ),
         metrics: Arc::new(Metrics::new()?),
         unanswered: Default::default(),
+        leases: Arc::new(crate::lease::Leases::new(
+            config.leases.clone(),
+            config.redis.shards,
+        )),
+        reloads: Default::default(),
+        web: Default::default(),
     });
+    state.snapshot.load().start_background();
 
     // Debit deadlines are set in Redis's clock; keep the offset to ours fresh.
     {
@@ -288,6 +123,15 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         });
     }
 
+    // The listener's certificate, re-read by `crate::tls::reload_tls` (the config reload).
+    let listener_tls = match &config.server.tls {
+        Some(files) => {
+            let tls = Arc::new(crate::tls::ListenerTls::load(files)?);
+            crate::tls::install(Arc::clone(&tls));
+            Some(tls)
+        }
+        None => None,
+    };
     let proxy_listener = bind("the proxy", config.server.listen).await?;
     let admin_listener = bind("the admin API", config.server.admin_listen).await?;
     let metrics_listener = bind("metrics", config.server.metrics_listen).await?;
@@ -295,6 +139,16 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let proxy_addr = local(&proxy_listener, config.server.listen);
     let admin_addr = local(&admin_listener, config.server.admin_listen);
     let metrics_addr = local(&metrics_listener, config.server.metrics_listen);
+    // The portal's links default to the proxy listener as clients reach it.
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let _ = state
+        .web
+        .proxy_origin
+        .set(format!("{scheme}://{proxy_addr}"));
 
     let stop = CancellationToken::new();
     let background = TaskTracker::new();
@@ -316,6 +170,31 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         stop.clone(),
     ));
     background.spawn(crate::auth::outbox::run(Arc::clone(&state), stop.clone()));
+    background.spawn(crate::auth::last_used::run(
+        Arc::clone(&state.web.key_usage),
+        state.redis.clone(),
+        {
+            let state = Arc::clone(&state);
+            move || state.config()
+        },
+        stop.clone(),
+    ));
+    // Credit slices stop after the connections drained (their last requests are reported)
+    // and before the flusher, so those rows reach Postgres before exit.
+    let lease_stop = CancellationToken::new();
+    let lease_task = config.leases.enabled.then(|| {
+        background.spawn(crate::lease::recall::listen(
+            state.redis_target.clone(),
+            config.redis.key_prefix.clone(),
+            Arc::clone(&state.leases),
+            stop.clone(),
+        ));
+        tokio::spawn(crate::lease::reporter::run(
+            Arc::clone(&state.leases),
+            Arc::clone(&state),
+            lease_stop.clone(),
+        ))
+    });
 
     // The flusher has its own Redis connection: its batch reads never queue behind, or in
     // front of, the hot path's debits. It stops last, after the connections drained, so the
@@ -421,7 +300,10 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         }
     });
 
-    let admin_app = crate::admin::router(Arc::clone(&state));
+    // The operator console shares the admin listener (its own sign-in; never on the proxy
+    // listener).
+    let admin_app = crate::admin::router(Arc::clone(&state))
+        .merge(crate::web::console::router(Arc::clone(&state)).with_state(Arc::clone(&state)));
     let admin_stop = stop.clone();
     background.spawn(async move {
         let served = axum::serve(admin_listener, admin_app)
@@ -468,11 +350,22 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let connections = TaskTracker::new();
 
+    // SIGHUP reloads the config (its default action would end the process).
+    match crate::reload::on_sighup(Arc::clone(&state), stop.clone()) {
+        Ok(task) => {
+            background.spawn(task);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /v1/config/reload")
+        }
+    }
+
     eprintln!("listening proxy={proxy_addr} admin={admin_addr} metrics={metrics_addr}");
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate serving");
 
     let accept = tokio::spawn(accept_loop(
         proxy_listener,
+        listener_tls,
         Arc::clone(&app),
         shutdown_rx,
         connections.clone(),
@@ -489,7 +382,9 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let _ = shutdown_tx.send(true);
     app.cleanup().await;
     connections.close();
-    if tokio::time::timeout(config.server.shutdown_grace, connections.wait())
+    // The grace period of the config serving now (a reload may have changed it).
+    let grace = state.config().server.shutdown_grace;
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -497,6 +392,15 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
             remaining = connections.len(),
             "shutdown grace period over; closing the remaining connections"
         );
+    }
+    lease_stop.cancel();
+    if let Some(task) = lease_task {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("credit slices: the final report did not finish in 5 s; the slices expire back to their accounts");
+        }
     }
     journal_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(10), flusher_task)
@@ -509,77 +413,4 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
-    listener: TcpListener,
-    app: Arc<A>,
-    shutdown: watch::Receiver<bool>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (tcp, _peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let app = Arc::clone(&app);
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let stream: pingora::protocols::Stream =
-                Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
-            let mut next = app.process_new(stream, &shutdown).await;
-            while let Some(stream) = next {
-                next = app.process_new(stream, &shutdown).await;
-            }
-        });
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_never_print() {
-        assert_eq!(
-            super::redact("redis://u:secret@h:1/0"),
-            "redis://u:***@h:1/0"
-        );
-        assert_eq!(
-            super::redact("redis+cluster://u:secret@h:1,h:2/?x=1"),
-            "redis+cluster://u:***@h:1,h:2/?x=1"
-        );
-        assert_eq!(
-            super::redact("redis+cluster://h:1,h:2"),
-            "redis+cluster://h:1,h:2"
-        );
-    }
 }

@@ -260,7 +260,7 @@ url = "{pg}"
 
 [admin]
 token_env = "TOLLGATE_BENCH_ADMIN_TOKEN"
-
+{leases}
 [[upstreams]]
 name = "stub"
 url = "http://{stub}"
@@ -271,7 +271,18 @@ monthly_credits = 1000000000
         redis = url(&res.redis_url),
         prefix = res.prefix,
         pg = url(&res.db_url),
+        leases = if slices() {
+            "\n[leases]\nenabled = true\n"
+        } else {
+            ""
+        },
     )
+}
+
+/// `TOLLGATE_BENCH_SLICES=1`: tollgate serves the fixed-price row from credit slices
+/// (`[leases] enabled = true`); run once with and once without to compare the two paths.
+fn slices() -> bool {
+    std::env::var("TOLLGATE_BENCH_SLICES").is_ok_and(|v| v == "1")
 }
 
 /// The tollgate binary of this build (cargo builds it for benchmarks).

@@ -6,62 +6,99 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use utoipa::ToSchema;
 
+use super::components::{
+    BadRequest, BadRequestOrUnknownTier, Internal, NotFound, StoreUnavailable, Unauthorized,
+    UndefinedTier,
+};
 use super::error::AdminError;
 use super::extract::JsonBody;
+use super::schemas::{Account, Balance, PeriodUsage, StatusChanged};
+use crate::domain;
 use crate::state::AppState;
 use crate::store::accounts::{self, AccountRow};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAccount {
+    /// 1-128 characters of letters, digits, `_`, `-`, `.`, `@`.
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,128}$", example = "acme")]
     pub id: String,
+    /// A tier the config defines (else 400 `unknown_tier`).
     pub tier: String,
 }
 
-fn account_json(row: &AccountRow) -> Value {
-    json!({
-        "id": row.id,
-        "tier": row.tier,
-        "status": row.status,
-        "period_start": row.period_start,
-        "period_end": row.period_end,
-        "created_at": row.created_at,
-    })
+/// The stored row alone, when Redis did not answer.
+fn account_row(row: AccountRow) -> Account {
+    Account {
+        id: row.id,
+        tier: row.tier,
+        status: row.status,
+        balance: None,
+        unlimited: None,
+        period_start: Some(row.period_start),
+        period_end: Some(row.period_end),
+        period_usage: None,
+        created_at: row.created_at,
+    }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    operation_id = "createAccount",
+    summary = "Create an account",
+    request_body = NewAccount,
+    responses(
+        (status = 201, description = "The account. `balance`, `unlimited` and `period_usage` are \
+            present when Redis answered; if it did not, the account is still created (Postgres) and \
+            the answer carries the stored row only (Redis loads the account on first use).",
+            body = Account),
+        (status = 400, response = BadRequestOrUnknownTier),
+        (status = 401, response = Unauthorized),
+        (status = 409, description = "`conflict`: an account with this id already exists.",
+            body = AdminError),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<NewAccount>,
-) -> Result<(StatusCode, Json<Value>), AdminError> {
-    if !accounts::valid_id(&body.id) {
-        return Err(AdminError::BadRequest(
-            "id must be 1-128 characters of letters, digits, '_', '-', '.', '@'".into(),
-        ));
-    }
-    if state.config().tier(&body.tier).is_none() {
-        return Err(AdminError::UnknownTier(body.tier));
-    }
-    let Some(row) = accounts::create(&state.pg, &body.id, &body.tier).await? else {
-        return Err(AdminError::Conflict(format!(
-            "account {:?} already exists",
-            body.id
-        )));
-    };
-    tracing::info!(account = %row.id, tier = %row.tier, "account created");
+) -> Result<(StatusCode, Json<Account>), AdminError> {
+    let row = domain::accounts::create(&state, &body.id, &body.tier).await?;
     let config = state.config();
     match account_with_balance(&state, &config, row.clone()).await {
         Ok(body) => Ok((StatusCode::CREATED, Json(body))),
         // Created in Postgres; Redis will hydrate it on first use.
-        Err(_) => Ok((StatusCode::CREATED, Json(account_json(&row)))),
+        Err(_) => Ok((StatusCode::CREATED, Json(account_row(row)))),
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}",
+    tag = "accounts",
+    operation_id = "getAccount",
+    summary = "An account with its live balance",
+    description = "Loads the account into Redis from Postgres and the journal if Redis does not \
+        hold it.",
+    params(("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme")),
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = UndefinedTier),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AdminError> {
+) -> Result<Json<Account>, AdminError> {
     let row = accounts::get(&state.pg, &id)
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("no account {id:?}")))?;
@@ -70,153 +107,121 @@ pub async fn get(
         .map(Json)
 }
 
-/// An account's live Redis state, hydrating it first if Redis does not hold it.
-pub async fn live_state(
-    state: &AppState,
-    config: &crate::config::Config,
-    id: &str,
-) -> Result<Option<crate::ledger::AccountState>, crate::ledger::LedgerError> {
-    let mut conn = state.redis.clone();
-    if let Some(live) = state.ledger.state(&mut conn, id).await? {
-        return Ok(Some(live));
-    }
-    match state.ledger.hydrate(&mut conn, &state.pg, config, id).await {
-        Ok(created) => {
-            if created {
-                state.metrics.hydrations.inc();
-            }
-            state.ledger.state(&mut conn, id).await
-        }
-        Err(crate::ledger::LedgerError::NoSuchAccount(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TierChange {
+    /// A tier the config defines (else 400 `unknown_tier`).
     pub tier: String,
 }
 
-/// Moves an account to another tier at once: features, quotas and rate follow immediately on
-/// every instance; the allowance becomes the new tier's monthly credits (journaled as a
-/// `subscription` entry); purchased credits are untouched.
+/// Moves an account to another tier at once (see [`domain::accounts::set_tier`]).
+#[utoipa::path(
+    put,
+    path = "/v1/accounts/{id}/tier",
+    tag = "accounts",
+    operation_id = "setTier",
+    summary = "Move an account to another tier at once",
+    description = "Features, quotas and rate follow immediately on every instance; the allowance \
+        becomes the new tier's monthly credits (journaled as a `subscription` entry); purchased \
+        credits are untouched.",
+    params(("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme")),
+    request_body = TierChange,
+    responses(
+        (status = 200, description = "The account after the change.", body = Account),
+        (status = 400, response = BadRequestOrUnknownTier),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = UndefinedTier),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn set_tier(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<TierChange>,
-) -> Result<Json<Value>, AdminError> {
-    let config = state.config();
-    let tier = config
-        .tier(&body.tier)
-        .ok_or_else(|| AdminError::UnknownTier(body.tier.clone()))?;
-    let monthly = match tier.raw.monthly_credits {
-        crate::config::MonthlyCredits::Limited(c) => Some(c),
-        crate::config::MonthlyCredits::Unlimited => None,
-    };
-    // Make sure Redis holds the account (with the old tier) so the change is journaled there.
-    if live_state(&state, &config, &id).await?.is_none() {
-        return Err(AdminError::NotFound(format!("no account {id:?}")));
-    }
-    let row = accounts::set_tier(&state.pg, &id, &body.tier)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("no account {id:?}")))?;
-    let entry_id = format!("{id}:tier:{}", uuid::Uuid::now_v7().simple());
-    let mut conn = state.redis.clone();
-    state
-        .ledger
-        .set_tier(&mut conn, &id, &body.tier, monthly, &entry_id)
-        .await?;
-    crate::auth::invalidation::tier_changed(&mut conn, &config, &state.caches, &id, &body.tier)
-        .await;
-    tracing::info!(account = %id, tier = %body.tier, "tier changed");
-    account_with_balance(&state, &config, row).await.map(Json)
+) -> Result<Json<Account>, AdminError> {
+    let row = domain::accounts::set_tier(&state, &id, &body.tier).await?;
+    account_with_balance(&state, &state.config(), row)
+        .await
+        .map(Json)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusChange {
+    /// `active` or `suspended`: `suspended` refuses the account's callers (403
+    /// `account_inactive`); `active` reinstates it.
+    #[schema(pattern = "^(active|suspended)$")]
     pub status: String,
 }
 
-/// Suspends (`suspended`) or reinstates (`active`) an account. Needs Redis only: applied there
-/// at once (every instance drops the account's cached keys within 2 s), recorded in the auth
-/// outbox and written to Postgres by the drainer, now or when Postgres is back.
+/// Suspends (`suspended`) or reinstates (`active`) an account (see
+/// [`domain::accounts::set_status`]).
+#[utoipa::path(
+    put,
+    path = "/v1/accounts/{id}/status",
+    tag = "accounts",
+    operation_id = "setStatus",
+    summary = "Suspend or reinstate an account",
+    description = "Needs Redis only: applied there at once (every instance refuses the account's \
+        keys within 2 s), recorded in the auth outbox and written to Postgres when it answers, in \
+        order with any later change. An account Redis does not hold yet needs Postgres to be found \
+        (503 `store_unavailable` while it is down).",
+    params(("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme")),
+    request_body = StatusChange,
+    responses(
+        (status = 200, description = "The status now in force.", body = StatusChanged),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn set_status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<StatusChange>,
-) -> Result<Json<Value>, AdminError> {
-    if !matches!(body.status.as_str(), "active" | "suspended") {
-        return Err(AdminError::BadRequest(
-            "status must be \"active\" or \"suspended\"".into(),
-        ));
-    }
-    let config = state.config();
-    let prefix = config.redis.key_prefix.clone();
-    let mut conn = state.redis.clone();
-    // The account must exist: Redis knows it if it was ever used; otherwise ask Postgres.
-    let in_redis = state.ledger.state(&mut conn, &id).await?.is_some();
-    if !in_redis {
-        let found = accounts::get(&state.pg, &id).await.map_err(|e| {
-            AdminError::Unavailable(format!("postgres (account {id:?} is not in redis): {e}"))
-        })?;
-        if found.is_none() {
-            return Err(AdminError::NotFound(format!("no account {id:?}")));
-        }
-    }
-    let index = crate::auth::redis_keys::KeyIndex::new(&prefix, config.redis.shards);
-    let change = crate::auth::outbox::Change::Status {
-        account_id: id.clone(),
-        status: body.status.clone(),
-        at: crate::auth::redis_keys::now_version(),
-    };
-    crate::auth::outbox::submit(&mut conn, &prefix, &index, &state.ledger, &change).await?;
-    if let Err(e) = crate::auth::invalidation::publish(
-        &mut conn,
-        &prefix,
-        &state.caches,
-        crate::auth::invalidation::Invalidation::Account(&id),
-    )
-    .await
-    {
-        tracing::error!(error = %e, account = %id, "could not announce the status change");
-    }
-    crate::auth::outbox::nudge(Arc::clone(&state)).await;
-    tracing::info!(account = %id, status = %body.status, "account status changed");
-    Ok(Json(json!({"id": id, "status": body.status})))
+) -> Result<Json<StatusChanged>, AdminError> {
+    domain::accounts::set_status(&state, &id, &body.status).await?;
+    Ok(Json(StatusChanged {
+        id,
+        status: body.status,
+    }))
 }
 
 async fn account_with_balance(
     state: &AppState,
     config: &crate::config::Config,
     row: AccountRow,
-) -> Result<Value, AdminError> {
-    let live = live_state(state, config, &row.id)
+) -> Result<Account, AdminError> {
+    let live = domain::accounts::live_state(state, config, &row.id)
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("no account {:?}", row.id)))?;
     let unlimited = config
         .tier(&live.tier)
-        .is_some_and(|t| t.raw.monthly_credits == crate::config::MonthlyCredits::Unlimited);
+        .is_some_and(|t| t.monthly_credits() == crate::config::MonthlyCredits::Unlimited);
     let mut conn = state.redis.clone();
     let counters = state.ledger.counters(&mut conn, &row.id).await?;
-    Ok(json!({
-        "id": row.id,
-        "tier": live.tier,
-        "status": live.status,
-        "balance": {
-            "allowance": live.allowance,
-            "purchased": live.purchased,
-            "total": live.total(),
-        },
-        "unlimited": unlimited,
-        "period_start": chrono::DateTime::from_timestamp(live.period_start, 0),
-        "period_end": chrono::DateTime::from_timestamp(live.period_end, 0),
-        "period_usage": {
-            "requests": counters.requests,
-            "tokens": counters.tokens,
-            "resources": counters.resources,
-        },
-        "created_at": row.created_at,
-    }))
+    Ok(Account {
+        balance: Some(Balance {
+            allowance: live.allowance,
+            purchased: live.purchased,
+            total: live.total(),
+            leased: Some(live.leased),
+        }),
+        id: row.id,
+        tier: live.tier,
+        status: live.status,
+        unlimited: Some(unlimited),
+        period_start: chrono::DateTime::from_timestamp(live.period_start, 0),
+        period_end: chrono::DateTime::from_timestamp(live.period_end, 0),
+        period_usage: Some(PeriodUsage {
+            requests: counters.requests,
+            tokens: counters.tokens,
+            resources: counters.resources,
+        }),
+        created_at: row.created_at,
+    })
 }

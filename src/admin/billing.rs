@@ -1,39 +1,47 @@
-//! Billing through Stripe: the catalogue, Checkout Sessions for credit packs and subscriptions,
-//! an account's subscription (read, cancel, change tier with proration), and the webhook
-//! endpoint. Stripe is the source of truth for subscriptions: the calls here ask Stripe for a
+//! Selling through Stripe: the catalogue and Checkout Sessions for credit packs and
+//! subscriptions, and what the subscription calls share (the account's current subscription,
+//! tier prices, idempotency keys); an account's subscription itself (read, cancel, change tier)
+//! is `subscription`, the webhook endpoint `stripe_webhook`. Stripe is the source of truth for subscriptions: the calls here ask Stripe for a
 //! change, and the account follows when Stripe's webhook reports it (so the order of events,
 //! not the order of API calls, decides).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
+use super::components::{
+    BadRequest, BadRequestOrUnknownTier, Internal, NotFound, StripeError, StripeOrStoreUnavailable,
+    Unauthorized,
+};
 use super::error::AdminError;
 use super::extract::JsonBody;
+use super::schemas;
 use crate::config::{Config, StripeConfig};
 use crate::state::AppState;
 use crate::stripe::catalog::{self, Interval};
-use crate::stripe::{client, events, webhook};
+use crate::stripe::client;
 
 /// Subscription statuses that still bill (a second subscription is refused).
-const LIVE: &[&str] = &["active", "trialing", "past_due", "incomplete", "unpaid"];
+pub(super) const LIVE: &[&str] = &["active", "trialing", "past_due", "incomplete", "unpaid"];
 
-fn stripe_config(config: &Config) -> Result<&StripeConfig, AdminError> {
+pub(super) fn stripe_config(config: &Config) -> Result<&StripeConfig, AdminError> {
     config.stripe.as_ref().ok_or_else(|| {
         AdminError::StripeNotConfigured("Stripe is not configured (no [stripe] section)".into())
     })
 }
 
 /// A Stripe idempotency key: readable when it fits in Stripe's 255 characters, hashed when not.
-fn idempotency_key(parts: &[&str], caller_key: Option<&str>) -> Result<String, AdminError> {
+pub(super) fn idempotency_key(
+    parts: &[&str],
+    caller_key: Option<&str>,
+) -> Result<String, AdminError> {
     let caller = match caller_key.map(str::trim) {
         Some(k) if k.is_empty() || k.len() > 200 => {
             return Err(AdminError::BadRequest(
@@ -64,14 +72,14 @@ fn return_url(given: Option<String>, default: &str, field: &str) -> Result<Strin
     }
 }
 
-async fn require_account(state: &AppState, id: &str) -> Result<(), AdminError> {
+pub(super) async fn require_account(state: &AppState, id: &str) -> Result<(), AdminError> {
     match crate::store::accounts::get(&state.pg, id).await? {
         Some(_) => Ok(()),
         None => Err(AdminError::NotFound(format!("no account {id:?}"))),
     }
 }
 
-fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+pub(super) fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -79,24 +87,63 @@ fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 }
 
 /// `GET /v1/catalog`.
+#[utoipa::path(
+    get,
+    path = "/v1/catalog",
+    tag = "billing",
+    operation_id = "getCatalog",
+    summary = "Tiers and credit packs as the config defines them",
+    responses(
+        (status = 200, description = "The catalogue.", body = schemas::Catalog),
+        (status = 401, response = Unauthorized),
+    )
+)]
 pub async fn catalog(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(catalog::catalog_json(&state.config()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PackCheckout {
     pub account_id: String,
+    /// A `[[credit_packs]]` id with a `stripe_price_id` (else 400).
     pub pack_id: String,
+    /// 1-200 bytes after trimming; becomes part of the Stripe idempotency key. Pass the same
+    /// key to make a retried call return the same result; default a random one.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Where Stripe sends the customer after paying (an absolute URL). Default
+    /// `[stripe] success_url`.
     #[serde(default)]
     pub success_url: Option<String>,
+    /// Where Stripe sends a customer who gives up (an absolute URL). Default
+    /// `[stripe] cancel_url`.
     #[serde(default)]
     pub cancel_url: Option<String>,
 }
 
 /// `POST /v1/checkout/credit-packs` → a payment-mode Checkout Session.
+#[utoipa::path(
+    post,
+    path = "/v1/checkout/credit-packs",
+    tag = "billing",
+    operation_id = "checkoutCreditPack",
+    summary = "A Stripe Checkout Session (payment mode) for a credit pack",
+    description = "Redirect the customer to `url`. The purchased credits arrive with Stripe's \
+        `checkout.session.completed` webhook. Each account gets one Stripe customer, created on \
+        its first checkout.",
+    request_body = PackCheckout,
+    responses(
+        (status = 200, description = "The session.", body = schemas::PackCheckoutSession),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such account, or no credit pack with this \
+            id.", body = AdminError),
+        (status = 500, response = Internal),
+        (status = 502, response = StripeError),
+        (status = 503, response = StripeOrStoreUnavailable),
+    )
+)]
 pub async fn checkout_pack(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<PackCheckout>,
@@ -149,23 +196,34 @@ pub async fn checkout_pack(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionCheckout {
     pub account_id: String,
+    /// A tier with a Stripe price for the interval (else 400 `unknown_tier` or
+    /// `invalid_request`).
     pub tier: String,
-    /// `month` (default) or `year`.
+    /// `month` (default) or `year` (also `monthly`, `yearly`).
     #[serde(default)]
     pub interval: Option<String>,
+    /// 1-200 bytes after trimming; becomes part of the Stripe idempotency key. Pass the same
+    /// key to make a retried call return the same result; default a random one.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Where Stripe sends the customer after paying (an absolute URL). Default
+    /// `[stripe] success_url`.
     #[serde(default)]
     pub success_url: Option<String>,
+    /// Where Stripe sends a customer who gives up (an absolute URL). Default
+    /// `[stripe] cancel_url`.
     #[serde(default)]
     pub cancel_url: Option<String>,
 }
 
-fn parse_interval(given: Option<&str>, default: Interval) -> Result<Interval, AdminError> {
+pub(super) fn parse_interval(
+    given: Option<&str>,
+    default: Interval,
+) -> Result<Interval, AdminError> {
     match given {
         None => Ok(default),
         Some(i) => Interval::parse(i).ok_or_else(|| {
@@ -175,7 +233,11 @@ fn parse_interval(given: Option<&str>, default: Interval) -> Result<Interval, Ad
 }
 
 /// The Stripe price of a tier for an interval, or why it cannot be sold.
-fn tier_price_id(config: &Config, tier: &str, interval: Interval) -> Result<String, AdminError> {
+pub(super) fn tier_price_id(
+    config: &Config,
+    tier: &str,
+    interval: Interval,
+) -> Result<String, AdminError> {
     let t = config
         .tier(tier)
         .ok_or_else(|| AdminError::UnknownTier(tier.to_string()))?;
@@ -191,6 +253,26 @@ fn tier_price_id(config: &Config, tier: &str, interval: Interval) -> Result<Stri
 }
 
 /// `POST /v1/checkout/subscriptions` → a subscription-mode Checkout Session.
+#[utoipa::path(
+    post,
+    path = "/v1/checkout/subscriptions",
+    tag = "billing",
+    operation_id = "checkoutSubscription",
+    summary = "A Stripe Checkout Session (subscription mode) for a tier",
+    description = "The account's tier follows when Stripe's webhooks report the subscription.",
+    request_body = SubscriptionCheckout,
+    responses(
+        (status = 200, description = "The session.", body = schemas::SubscriptionCheckoutSession),
+        (status = 400, response = BadRequestOrUnknownTier),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`conflict`: the account already has a subscription that \
+            still bills; change it with `PUT /v1/accounts/{id}/subscription`.", body = AdminError),
+        (status = 500, response = Internal),
+        (status = 502, response = StripeError),
+        (status = 503, response = StripeOrStoreUnavailable),
+    )
+)]
 pub async fn checkout_subscription(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<SubscriptionCheckout>,
@@ -227,11 +309,11 @@ pub async fn checkout_subscription(
     .await?;
     let tier = config.tier(&body.tier);
     let setup_price_id = tier
-        .filter(|t| first && t.raw.setup_fee_cents.is_some())
-        .and_then(|t| t.raw.stripe_setup_price_id.clone());
+        .filter(|t| first && t.setup_fee_cents().is_some())
+        .and_then(|t| t.stripe_setup_price_id().map(str::to_string));
     let setup_fee_cents = setup_price_id
         .as_ref()
-        .and(tier.and_then(|t| t.raw.setup_fee_cents));
+        .and(tier.and_then(|t| t.setup_fee_cents()));
     let stripe = client::client(cfg)?;
     let customer = client::ensure_customer(&state.pg, cfg, &stripe, &body.account_id).await?;
     let session = client::subscription_session(
@@ -267,7 +349,7 @@ pub async fn checkout_subscription(
 }
 
 /// The id of the account's subscription that still bills, if any.
-async fn live_subscription(
+pub(super) async fn live_subscription(
     state: &AppState,
     account_id: &str,
 ) -> Result<Option<String>, AdminError> {
@@ -282,24 +364,59 @@ async fn live_subscription(
 }
 
 #[derive(sqlx::FromRow)]
-struct SubscriptionRow {
-    subscription_id: String,
-    customer_id: Option<String>,
-    tier: String,
-    billing_interval: String,
-    price_id: Option<String>,
-    amount_cents: Option<i64>,
-    currency: Option<String>,
-    status: String,
-    cancel_at_period_end: bool,
-    current_period_start: Option<DateTime<Utc>>,
-    current_period_end: Option<DateTime<Utc>>,
-    canceled_at: Option<DateTime<Utc>>,
-    updated_at: DateTime<Utc>,
+pub(super) struct SubscriptionRow {
+    pub(super) subscription_id: String,
+    pub(super) customer_id: Option<String>,
+    pub(super) tier: String,
+    pub(super) billing_interval: String,
+    pub(super) price_id: Option<String>,
+    pub(super) amount_cents: Option<i64>,
+    pub(super) currency: Option<String>,
+    pub(super) status: String,
+    pub(super) cancel_at_period_end: bool,
+    pub(super) current_period_start: Option<DateTime<Utc>>,
+    pub(super) current_period_end: Option<DateTime<Utc>>,
+    pub(super) canceled_at: Option<DateTime<Utc>>,
+    pub(super) updated_at: DateTime<Utc>,
+}
+
+/// A tier change of the account's live subscription, as both the preview and the change
+/// compute it: the subscription, the interval (its own unless one is given) and the price to
+/// move to.
+pub(super) struct TierMove {
+    pub row: SubscriptionRow,
+    pub interval: Interval,
+    pub price_id: String,
+}
+
+pub(super) async fn tier_move(
+    state: &AppState,
+    config: &Config,
+    account_id: &str,
+    tier: &str,
+    interval: Option<&str>,
+) -> Result<TierMove, AdminError> {
+    require_account(state, account_id).await?;
+    let row = current_subscription(state, account_id)
+        .await?
+        .filter(|r| LIVE.contains(&r.status.as_str()))
+        .ok_or_else(|| {
+            AdminError::NotFound(format!(
+                "account {account_id:?} has no live subscription; start one with POST /v1/checkout/subscriptions"
+            ))
+        })?;
+    let current_interval = Interval::parse(&row.billing_interval).unwrap_or(Interval::Month);
+    let interval = parse_interval(interval, current_interval)?;
+    let price_id = tier_price_id(config, tier, interval)?;
+    Ok(TierMove {
+        row,
+        interval,
+        price_id,
+    })
 }
 
 /// The account's current subscription: the newest that still bills, else the newest.
-async fn current_subscription(
+pub(super) async fn current_subscription(
     state: &AppState,
     account_id: &str,
 ) -> Result<Option<SubscriptionRow>, AdminError> {
@@ -314,225 +431,6 @@ async fn current_subscription(
     .bind(LIVE)
     .fetch_optional(&state.pg)
     .await?)
-}
-
-/// `GET /v1/accounts/{id}/subscription`.
-pub async fn get_subscription(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, AdminError> {
-    require_account(&state, &id).await?;
-    let row = current_subscription(&state, &id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("account {id:?} has no subscription")))?;
-    let grace_until: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT grace_until FROM accounts WHERE id = $1")
-            .bind(&id)
-            .fetch_one(&state.pg)
-            .await?;
-    Ok(Json(json!({
-        "account_id": id,
-        "subscription_id": row.subscription_id,
-        "customer_id": row.customer_id,
-        "tier": row.tier,
-        "interval": row.billing_interval,
-        "status": row.status,
-        "cancel_at_period_end": row.cancel_at_period_end,
-        "current_period_start": row.current_period_start,
-        "current_period_end": row.current_period_end,
-        "canceled_at": row.canceled_at,
-        "price_id": row.price_id,
-        "amount_cents": row.amount_cents,
-        "currency": row.currency,
-        "grace_until": grace_until,
-        "updated_at": row.updated_at,
-    })))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Cancel {
-    /// `true` (default): at the end of the paid period; `false`: now.
-    #[serde(default)]
-    pub at_period_end: Option<bool>,
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-}
-
-/// `POST /v1/accounts/{id}/subscription/cancel` (body optional).
-pub async fn cancel_subscription(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Json<Value>, AdminError> {
-    let body: Cancel = if body.iter().all(u8::is_ascii_whitespace) {
-        Cancel::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))?
-    };
-    let config = state.config();
-    let cfg = stripe_config(&config)?;
-    require_account(&state, &id).await?;
-    let sub = live_subscription(&state, &id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("account {id:?} has no live subscription")))?;
-    let at_period_end = body.at_period_end.unwrap_or(true);
-    let key = idempotency_key(
-        &[
-            "cancel",
-            &sub,
-            if at_period_end { "period-end" } else { "now" },
-        ],
-        body.idempotency_key.as_deref(),
-    )?;
-    let stripe = client::client(cfg)?;
-    let s = client::cancel(cfg, &stripe, &sub, at_period_end, key).await?;
-    tracing::info!(account = %id, subscription = %sub, at_period_end, "subscription cancellation requested");
-    Ok(Json(json!({
-        "account_id": id,
-        "subscription_id": s.id,
-        "status": s.status,
-        "cancel_at_period_end": s.cancel_at_period_end,
-        "applies": "the account follows when Stripe's customer.subscription.updated/deleted webhook arrives",
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubscriptionChange {
-    pub tier: String,
-    /// Defaults to the subscription's current interval.
-    #[serde(default)]
-    pub interval: Option<String>,
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-}
-
-/// `PUT /v1/accounts/{id}/subscription` → the subscription moves to the tier's price, with
-/// proration; the tier follows with the webhook.
-pub async fn change_subscription(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    JsonBody(body): JsonBody<SubscriptionChange>,
-) -> Result<Json<Value>, AdminError> {
-    let config = state.config();
-    let cfg = stripe_config(&config)?;
-    require_account(&state, &id).await?;
-    let row = current_subscription(&state, &id)
-        .await?
-        .filter(|r| LIVE.contains(&r.status.as_str()))
-        .ok_or_else(|| {
-            AdminError::NotFound(format!(
-                "account {id:?} has no live subscription; start one with POST /v1/checkout/subscriptions"
-            ))
-        })?;
-    let current_interval = Interval::parse(&row.billing_interval).unwrap_or(Interval::Month);
-    let interval = parse_interval(body.interval.as_deref(), current_interval)?;
-    let price_id = tier_price_id(&config, &body.tier, interval)?;
-    if row.price_id.as_deref() == Some(price_id.as_str()) {
-        return Ok(Json(json!({
-            "account_id": id,
-            "subscription_id": row.subscription_id,
-            "tier": body.tier,
-            "interval": interval.as_str(),
-            "status": row.status,
-            "changed": false,
-        })));
-    }
-    let key = idempotency_key(
-        &[
-            "change",
-            &row.subscription_id,
-            &body.tier,
-            interval.as_str(),
-        ],
-        body.idempotency_key.as_deref(),
-    )?;
-    let stripe = client::client(cfg)?;
-    let s = client::change_price(
-        cfg,
-        &stripe,
-        &row.subscription_id,
-        &price_id,
-        metadata(&[
-            ("account_id", &id),
-            ("tier", &body.tier),
-            ("interval", interval.as_str()),
-            ("kind", "subscription"),
-        ]),
-        key,
-    )
-    .await?;
-    tracing::info!(account = %id, subscription = %s.id, tier = %body.tier, "subscription change requested");
-    Ok(Json(json!({
-        "account_id": id,
-        "subscription_id": s.id,
-        "tier": body.tier,
-        "interval": interval.as_str(),
-        "status": s.status,
-        "price_id": s.price_id,
-        "changed": true,
-        "applies": "the account's tier follows when Stripe's customer.subscription.updated webhook arrives",
-    })))
-}
-
-/// `POST /webhooks/stripe`: no admin token; the raw body is verified against
-/// `Stripe-Signature` before anything is parsed.
-pub async fn stripe_webhook(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, AdminError> {
-    let config = state.config();
-    let secret = stripe_config(&config)?
-        .webhook_secret
-        .as_deref()
-        .ok_or_else(|| {
-            AdminError::StripeNotConfigured("the Stripe webhook secret is not set".into())
-        })?;
-    let count = |outcome: &str| {
-        state
-            .metrics
-            .stripe_webhooks
-            .with_label_values(&[outcome])
-            .inc();
-    };
-    let signature = headers
-        .get("stripe-signature")
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = webhook::verify(signature, &body, secret.as_bytes(), Utc::now().timestamp()) {
-        tracing::warn!(error = %e, "Stripe webhook refused");
-        count("invalid_signature");
-        return Err(AdminError::InvalidSignature(e.to_string()));
-    }
-    let event = webhook::parse_event(&body).map_err(|e| {
-        count("bad_request");
-        AdminError::BadRequest(e)
-    })?;
-    let processed = events::process(&state, &event).await.map_err(|e| {
-        count("error");
-        AdminError::Internal(format!(
-            "Stripe event {} ({}) failed; Stripe will retry: {e}",
-            event.id, event.kind
-        ))
-    })?;
-    count(processed.outcome.label());
-    tracing::info!(
-        event = %event.id,
-        kind = %event.kind,
-        outcome = processed.outcome.label(),
-        detail = processed.outcome.detail().unwrap_or(""),
-        account = processed.account_id.as_deref().unwrap_or(""),
-        "Stripe event"
-    );
-    Ok(Json(json!({
-        "received": true,
-        "event_id": event.id,
-        "type": event.kind,
-        "outcome": processed.outcome.label(),
-        "detail": processed.outcome.detail(),
-    })))
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::domain::DomainError;
+use crate::stripe::error::StripeCallError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{0}")]
@@ -75,34 +78,7 @@ impl AdminError {
 
 impl From<sqlx::Error> for AdminError {
     fn from(e: sqlx::Error) -> Self {
-        if postgres_unreachable(&e) {
-            AdminError::PostgresUnavailable(e.to_string())
-        } else {
-            AdminError::Internal(e.to_string())
-        }
-    }
-}
-
-/// Errors that mean "Postgres cannot be used now" rather than a bug: no connection (down, a
-/// wrong URL, refused credentials, a missing database), shutting down, or the schema not
-/// migrated yet (it is, in the background, once Postgres answers).
-fn postgres_unreachable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::Io(_)
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception, 28: invalid authorization, 3D000: no such database,
-            // 57P0x: shutting down / cannot connect now, 53300: too many connections,
-            // 42P01: undefined table (before the migrations ran).
-            code.starts_with("08")
-                || code.starts_with("28")
-                || code.starts_with("57P0")
-                || matches!(code.as_ref(), "3D000" | "53300" | "42P01")
-        }),
-        _ => false,
+        AdminError::from(DomainError::from(e))
     }
 }
 
@@ -137,16 +113,33 @@ impl IntoResponse for AdminError {
 
 impl From<crate::ledger::LedgerError> for AdminError {
     fn from(e: crate::ledger::LedgerError) -> Self {
+        AdminError::from(DomainError::from(e))
+    }
+}
+
+/// The edge of the domain core: each domain failure keeps its message and gets its status.
+impl From<DomainError> for AdminError {
+    fn from(e: DomainError) -> Self {
         match e {
-            crate::ledger::LedgerError::NoSuchAccount(id) => {
-                AdminError::NotFound(format!("no account {id:?}"))
-            }
-            crate::ledger::LedgerError::UnknownTier { account, tier } => {
-                AdminError::Conflict(format!(
-                    "account {account:?} is on tier {tier:?}, which the config does not define"
-                ))
-            }
-            other => AdminError::Unavailable(other.to_string()),
+            DomainError::Invalid(m) => AdminError::BadRequest(m),
+            DomainError::NotFound(m) => AdminError::NotFound(m),
+            DomainError::Conflict(m) => AdminError::Conflict(m),
+            DomainError::SeatLimit { tier, limit } => AdminError::SeatLimit { tier, limit },
+            DomainError::UnknownTier(t) => AdminError::UnknownTier(t),
+            DomainError::Unavailable(m) => AdminError::Unavailable(m),
+            DomainError::PostgresUnavailable(m) => AdminError::PostgresUnavailable(m),
+            DomainError::Internal(m) => AdminError::Internal(m),
+        }
+    }
+}
+
+impl From<StripeCallError> for AdminError {
+    fn from(e: StripeCallError) -> Self {
+        match e {
+            StripeCallError::Call(m) => AdminError::Stripe(m),
+            StripeCallError::NotConfigured(m) => AdminError::StripeNotConfigured(m),
+            StripeCallError::Invalid(m) => AdminError::BadRequest(m),
+            StripeCallError::Postgres(e) => AdminError::from(e),
         }
     }
 }

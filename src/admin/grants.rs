@@ -1,6 +1,4 @@
-//! Manual grants: credits into the `purchased` bucket (never expire), idempotent on
-//! `idempotency_key`: the same key twice credits once, even across retries after a crash
-//! (Postgres records the grant, a Redis mark guards the credit itself).
+//! Manual grants (the rules: [`crate::domain::credits`]).
 
 use std::sync::Arc;
 
@@ -8,129 +6,79 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use utoipa::ToSchema;
 
+use super::components::{
+    BadRequest, CreditsInput, Internal, NotFound, StoreUnavailable, Unauthorized,
+};
 use super::error::AdminError;
 use super::extract::JsonBody;
-use crate::ledger::reconcile::{RecordedCredit, CREATED_MS};
-use crate::ledger::{self, CreditOutcome};
+use super::schemas::{Balance, GrantResult};
+use crate::domain;
+use crate::ledger;
 use crate::money::Credits;
 use crate::state::AppState;
 
-/// The largest single grant, in credits. Balances must stay where micro-credit integers are
-/// exact in the ledger scripts (below 2^53 µc ≈ 9 billion credits); a typo like an extra
-/// dozen zeros is refused here with a clear 400 instead of failing in Redis.
-const MAX_GRANT_CREDITS: i64 = 1_000_000_000;
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
+    /// Greater than 0 and at most 1,000,000,000 credits.
+    #[schema(value_type = CreditsInput)]
     pub credits: Credits,
+    /// 1-500 bytes after trimming whitespace.
     pub reason: String,
+    /// 1-200 bytes after trimming. The same key credits once; reusing it with another amount
+    /// is 409.
     pub idempotency_key: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{id}/grants",
+    tag = "grants",
+    operation_id = "createGrant",
+    summary = "Credit the purchased bucket (idempotent on idempotency_key)",
+    description = "Credits go to `purchased` (they never expire). The same `idempotency_key` \
+        credits once, even across retries after a crash.",
+    params(("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme")),
+    request_body = NewGrant,
+    responses(
+        (status = 201, description = "The grant, whether this call credited it or not: a repeat \
+            with the same key and amount answers 201 again with `duplicate: true` and credits \
+            nothing.", body = GrantResult),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`conflict`: the `idempotency_key` was already used for a \
+            grant of another amount, or the account is on a tier the config no longer defines.",
+            body = AdminError),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Path(account_id): Path<String>,
     JsonBody(body): JsonBody<NewGrant>,
-) -> Result<(StatusCode, Json<Value>), AdminError> {
-    if body.credits.micros() <= 0 {
-        return Err(AdminError::BadRequest(
-            "credits must be greater than 0".into(),
-        ));
-    }
-    if Credits::from_credits(MAX_GRANT_CREDITS).is_some_and(|max| body.credits > max) {
-        return Err(AdminError::BadRequest(format!(
-            "credits must be at most {MAX_GRANT_CREDITS} per grant"
-        )));
-    }
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.len() > 500 {
-        return Err(AdminError::BadRequest(
-            "reason must be 1-500 characters".into(),
-        ));
-    }
-    let key = body.idempotency_key.trim();
-    if key.is_empty() || key.len() > 200 {
-        return Err(AdminError::BadRequest(
-            "idempotency_key must be 1-200 characters".into(),
-        ));
-    }
-    let config = state.config();
-    if super::accounts::live_state(&state, &config, &account_id)
-        .await?
-        .is_none()
-    {
-        return Err(AdminError::NotFound(format!("no account {account_id:?}")));
-    }
-
-    // The record's time dates the journal entry (the same whoever applies it: `reconcile`).
-    let inserted: Option<i64> = sqlx::query_scalar(&format!(
-        "INSERT INTO grants (account_id, idempotency_key, credits, reason) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING {CREATED_MS}"
-    ))
-    .bind(&account_id)
-    .bind(key)
-    .bind(body.credits.micros())
-    .bind(reason)
-    .fetch_optional(&state.pg)
-    .await?;
-    let mut credit = RecordedCredit::grant(
+) -> Result<(StatusCode, Json<GrantResult>), AdminError> {
+    let granted = domain::credits::grant(
+        &state,
         &account_id,
-        key,
         body.credits,
-        reason,
-        inserted.unwrap_or_default(),
-    );
-    if inserted.is_none() {
-        let (credits, applied, stored_reason, recorded_ms): (i64, bool, String, i64) =
-            sqlx::query_as(&format!(
-                "SELECT credits, applied, reason, {CREATED_MS} FROM grants
-                  WHERE account_id = $1 AND idempotency_key = $2"
-            ))
-            .bind(&account_id)
-            .bind(key)
-            .fetch_one(&state.pg)
-            .await?;
-        if credits != body.credits.micros() {
-            return Err(AdminError::Conflict(format!(
-                "idempotency_key {key:?} was already used for a grant of {} credits",
-                Credits::from_micros(credits)
-            )));
-        }
-        if applied {
-            // The same answer as the first time (201), as idempotent APIs do; `duplicate`
-            // tells the two apart.
-            let live = super::accounts::live_state(&state, &config, &account_id).await?;
-            return Ok((
-                StatusCode::CREATED,
-                Json(grant_json(&account_id, &body, key, true, live)),
-            ));
-        }
-        // Recorded but not applied (a crash in between): apply now, as recorded; the Redis
-        // mark makes this safe if the first attempt did reach Redis.
-        credit = RecordedCredit::grant(&account_id, key, body.credits, &stored_reason, recorded_ms);
-    }
-
-    let mut conn = state.redis.clone();
-    let outcome = state.ledger.credit(&mut conn, &credit.request()).await?;
-    if outcome == CreditOutcome::Missing {
-        return Err(AdminError::Unavailable(
-            "account vanished from Redis during the grant".into(),
-        ));
-    }
-    sqlx::query("UPDATE grants SET applied = true WHERE account_id = $1 AND idempotency_key = $2")
-        .bind(&account_id)
-        .bind(key)
-        .execute(&state.pg)
-        .await?;
-    tracing::info!(account = %account_id, credits = %body.credits, key, "grant applied");
-    let live = super::accounts::live_state(&state, &config, &account_id).await?;
-    let duplicate = matches!(outcome, CreditOutcome::Duplicate { .. });
+        &body.reason,
+        &body.idempotency_key,
+    )
+    .await?;
+    let key = body.idempotency_key.trim();
     Ok((
         StatusCode::CREATED,
-        Json(grant_json(&account_id, &body, key, duplicate, live)),
+        Json(grant_json(
+            &account_id,
+            &body,
+            key,
+            granted.duplicate,
+            granted.live,
+        )),
     ))
 }
 
@@ -140,17 +88,18 @@ fn grant_json(
     key: &str,
     duplicate: bool,
     live: Option<ledger::AccountState>,
-) -> Value {
-    json!({
-        "account_id": account_id,
-        "credits": body.credits,
-        "reason": body.reason.trim(),
-        "idempotency_key": key,
-        "duplicate": duplicate,
-        "balance": live.map(|l| json!({
-            "allowance": l.allowance,
-            "purchased": l.purchased,
-            "total": l.total(),
-        })),
-    })
+) -> GrantResult {
+    GrantResult {
+        account_id: account_id.to_string(),
+        credits: body.credits,
+        reason: body.reason.trim().to_string(),
+        idempotency_key: key.to_string(),
+        duplicate,
+        balance: live.map(|l| Balance {
+            allowance: l.allowance,
+            purchased: l.purchased,
+            total: l.total(),
+            leased: None,
+        }),
+    }
 }

@@ -3,12 +3,21 @@
 
 pub mod accounts;
 pub mod billing;
+pub mod components;
+pub mod config;
 pub mod error;
 pub mod extract;
 pub mod grants;
 pub mod health;
 pub mod keys;
+pub mod openapi;
+pub mod portal;
+pub mod proration;
 pub mod reports;
+pub mod schemas;
+pub mod stripe_webhook;
+pub mod subscription;
+pub mod subscription_preview;
 pub mod usage;
 
 use std::sync::Arc;
@@ -23,6 +32,7 @@ use subtle::ConstantTimeEq;
 use crate::state::AppState;
 use error::AdminError;
 
+/// The admin API's routes; the server adds the operator console beside them.
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/accounts", post(accounts::create))
@@ -42,13 +52,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/accounts/{id}/subscription",
-            get(billing::get_subscription).put(billing::change_subscription),
+            get(subscription::get_subscription).put(subscription::change_subscription),
+        )
+        .route(
+            "/v1/accounts/{id}/subscription/preview",
+            get(subscription_preview::get_preview),
         )
         .route(
             "/v1/accounts/{id}/subscription/cancel",
-            post(billing::cancel_subscription),
+            post(subscription::cancel_subscription),
         )
         .route("/v1/reports/revenue", get(reports::revenue))
+        .route("/v1/config/reload", post(config::reload))
+        .route("/v1/accounts/{id}/portal-sessions", post(portal::create))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -57,7 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         // Stripe signs its webhooks (checked on the raw body); no admin token.
-        .route("/webhooks/stripe", post(billing::stripe_webhook))
+        .route("/webhooks/stripe", post(stripe_webhook::receive))
         .merge(v1)
         .fallback(|| async { AdminError::NotFound("no such admin endpoint".into()) })
         .with_state(state)

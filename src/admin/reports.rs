@@ -7,7 +7,9 @@
 //! - `subscription_revenue_cents`: subscription invoices paid in `[from, to)`;
 //! - `pack_revenue_cents`: credit packs bought in `[from, to)` (gross, refunded so far, net);
 //! - `arpu_cents`: (subscription revenue + net pack revenue) / accounts that paid in the window;
-//! - `active_subscribers`: accounts with a live subscription at `to`.
+//! - `active_subscribers`: accounts with a live subscription at `to`;
+//! - `subscribers_over_time`: accounts with a started, not yet canceled subscription at each
+//!   of 12 monthly points ending at `to` (the console's chart).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::components::{BadRequest, Internal, StoreUnavailable, TimeParam, Unauthorized};
 use super::error::AdminError;
 use crate::journal::usage::parse_time;
 use crate::state::AppState;
@@ -64,6 +67,28 @@ struct Currency {
     paying_accounts: i64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/reports/revenue",
+    tag = "billing",
+    operation_id = "getRevenueReport",
+    summary = "Revenue figures from what the Stripe webhooks recorded, per currency",
+    description = "Computed from Postgres, never from Stripe's API; amounts are integer cents. \
+        Unknown query parameters are ignored.",
+    params(
+        ("from" = Option<TimeParam>, Query, description = "Start of the window (inclusive). \
+            Default `to` − 30 days."),
+        ("to" = Option<TimeParam>, Query, description = "End of the window (exclusive) and the \
+            instant MRR is measured at. Default now."),
+    ),
+    responses(
+        (status = 200, description = "The report.", body = super::schemas::RevenueReport),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn revenue(
     State(state): State<Arc<AppState>>,
     Query(w): Query<Window>,
@@ -119,6 +144,8 @@ pub async fn revenue(
     .bind(to)
     .fetch_one(&state.pg)
     .await?;
+
+    let subscribers_over_time = subscribers_over_time(&state, to).await?;
 
     // Money received in the window.
     let invoices: Vec<(String, i64)> = sqlx::query_as(
@@ -206,8 +233,39 @@ pub async fn revenue(
         "from": from,
         "to": to,
         "active_subscribers": active_subscribers,
+        "subscribers_over_time": subscribers_over_time,
         "currencies": currencies,
     })))
+}
+
+/// Points of the subscribers chart: `to` and the 11 month-steps before it.
+const SERIES_POINTS: u32 = 12;
+
+/// Accounts subscribed at each point: a subscription created by then and not canceled by then
+/// (one that never started — `incomplete*` — does not count). Past points cannot use today's
+/// status, so this is what the rows' own dates say.
+async fn subscribers_over_time(state: &AppState, to: DateTime<Utc>) -> Result<Value, AdminError> {
+    let points: Vec<DateTime<Utc>> = (0..SERIES_POINTS)
+        .rev()
+        .filter_map(|back| to.checked_sub_months(chrono::Months::new(back)))
+        .collect();
+    let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT p.at, count(DISTINCT s.account_id)
+           FROM unnest($1::timestamptz[]) AS p(at)
+           LEFT JOIN subscriptions s
+             ON s.created_at <= p.at
+            AND s.status NOT IN ('incomplete', 'incomplete_expired')
+            AND (s.canceled_at > p.at OR (s.canceled_at IS NULL AND s.status <> 'canceled'))
+          GROUP BY p.at ORDER BY p.at",
+    )
+    .bind(&points)
+    .fetch_all(&state.pg)
+    .await?;
+    Ok(Value::Array(
+        rows.into_iter()
+            .map(|(at, n)| json!({"at": at, "subscribers": n}))
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

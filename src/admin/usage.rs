@@ -1,133 +1,75 @@
-//! Usage statistics and journal history for an account (admin), shared with the
-//! self-service `/_tollgate/v1/usage`. Neither shows entries older than the account's tier
-//! `history_days`.
+//! Usage statistics and journal history of an account (the queries: [`crate::domain::usage`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use chrono::{Duration, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::components::{
+    BadRequest, Internal, NotFound, StoreUnavailable, Unauthorized, UsageParams,
+};
 use super::error::AdminError;
-use crate::journal::usage::{self, GroupBy};
+use super::schemas::{LedgerPage, Usage};
+use crate::domain;
 use crate::state::AppState;
 
-/// A usage question: the time range and the grouping.
-pub struct UsageQuery {
-    pub from: chrono::DateTime<Utc>,
-    pub to: chrono::DateTime<Utc>,
-    pub group_by: Option<GroupBy>,
-}
-
-/// Parses `from`, `to` (date or RFC 3339; default: the last 30 days) and `group_by`.
-pub fn usage_params(q: &HashMap<String, String>) -> Result<UsageQuery, String> {
-    let time = |name: &str| -> Result<Option<chrono::DateTime<Utc>>, String> {
-        match q.get(name) {
-            None => Ok(None),
-            Some(v) => usage::parse_time(v).map(Some).ok_or_else(|| {
-                format!("{name}: {v:?} is not a date (YYYY-MM-DD) or RFC 3339 time")
-            }),
-        }
-    };
-    let to = time("to")?.unwrap_or_else(Utc::now);
-    let from = time("from")?.unwrap_or(to - Duration::days(30));
-    if from > to {
-        return Err("from must not be after to".into());
-    }
-    let group_by = match q.get("group_by").map(String::as_str) {
-        None | Some("") => None,
-        Some(g) => Some(
-            GroupBy::parse(g)
-                .ok_or_else(|| format!("group_by: {g:?} is not route, action or day"))?,
-        ),
-    };
-    Ok(UsageQuery { from, to, group_by })
-}
-
-/// The first instant an account's tier still shows (`history_days`); `None`: everything, also
-/// for an account whose tier is no longer configured.
-fn cutoff(state: &AppState, tier: &str) -> Option<chrono::DateTime<Utc>> {
-    let days = state.config().tier(tier).and_then(|t| t.history_days());
-    usage::history_cutoff(days, Utc::now())
-}
-
-/// Usage of an account; a range reaching back past its tier's `history_days` starts at that
-/// limit instead (the answer's `from` says so).
-pub async fn account_usage(
-    state: &AppState,
-    account_id: &str,
-    q: &HashMap<String, String>,
-) -> Result<Value, AdminError> {
-    let UsageQuery { from, to, group_by } = usage_params(q).map_err(AdminError::BadRequest)?;
-    let tier: Option<String> = sqlx::query_scalar("SELECT tier FROM accounts WHERE id = $1")
-        .bind(account_id)
-        .fetch_optional(&state.pg)
-        .await?;
-    let not_before = tier.and_then(|t| cutoff(state, &t));
-    usage_since(state, account_id, from, to, group_by, not_before).await
-}
-
-async fn usage_since(
-    state: &AppState,
-    account_id: &str,
-    from: chrono::DateTime<Utc>,
-    to: chrono::DateTime<Utc>,
-    group_by: Option<GroupBy>,
-    not_before: Option<chrono::DateTime<Utc>>,
-) -> Result<Value, AdminError> {
-    let from = not_before.map_or(from, |n| from.max(n));
-    let rows = if from < to {
-        usage::usage(&state.pg, account_id, from, to, group_by).await?
-    } else {
-        Vec::new()
-    };
-    Ok(usage::usage_json(rows, group_by, from, to))
-}
-
-/// The account's tier, or 404.
-async fn require_account(state: &AppState, id: &str) -> Result<String, AdminError> {
-    match crate::store::accounts::get(&state.pg, id).await? {
-        Some(row) => Ok(row.tier),
-        None => Err(AdminError::NotFound(format!("no account {id:?}"))),
-    }
-}
-
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}/usage",
+    tag = "usage",
+    operation_id = "getUsage",
+    summary = "Usage totals, or groups by route, action or day",
+    description = "Metered requests in `[from, to)`, from the journal in Postgres. `credits` is \
+        net of refunds; a refunded request still counts as a request.",
+    params(("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme"), UsageParams),
+    responses(
+        (status = 200, description = "Totals without `group_by`; `groups` with it.", body = Usage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn get_usage(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, AdminError> {
-    let tier = require_account(&state, &id).await?;
-    let UsageQuery { from, to, group_by } = usage_params(&q).map_err(AdminError::BadRequest)?;
-    usage_since(&state, &id, from, to, group_by, cutoff(&state, &tier))
-        .await
-        .map(Json)
+    Ok(Json(domain::usage::usage_of(&state, &id, &q).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}/ledger",
+    tag = "usage",
+    operation_id = "getLedger",
+    summary = "The account's journal, newest first",
+    description = "Entries older than the account's tier `history_days` are not returned. Months \
+        that every tier's retention let go of appear as one `carry_forward` entry per account (the \
+        sums of the dropped entries), so the entries still add up to the balance.",
+    params(
+        ("id" = String, Path, description = "The account id (1-128 letters, digits, `_`, `-`, `.`, `@`).", example = "acme"),
+        ("limit" = Option<i64>, Query, description = "Entries per page (1-500, default 50).",
+            minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page \
+            (opaque); empty or absent = the newest page."),
+    ),
+    responses(
+        (status = 200, description = "One page.", body = LedgerPage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = StoreUnavailable),
+    )
+)]
 pub async fn get_ledger(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, AdminError> {
-    let tier = require_account(&state, &id).await?;
-    let limit = match q.get("limit") {
-        None => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=500).contains(l))
-            .ok_or_else(|| AdminError::BadRequest("limit must be between 1 and 500".into()))?,
-    };
-    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
-        None => None,
-        Some(c) => Some(
-            usage::decode_cursor(c)
-                .ok_or_else(|| AdminError::BadRequest("cursor is not valid".into()))?,
-        ),
-    };
-    let (entries, next) =
-        usage::history(&state.pg, &id, limit, cursor, cutoff(&state, &tier)).await?;
-    Ok(Json(json!({"entries": entries, "next_cursor": next})))
+    Ok(Json(domain::usage::history(&state, &id, &q).await?))
 }

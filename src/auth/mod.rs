@@ -6,6 +6,7 @@ pub mod cache;
 pub mod invalidation;
 pub mod jwt;
 pub mod keys;
+pub mod last_used;
 pub mod outbox;
 pub mod redis_keys;
 

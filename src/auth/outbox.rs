@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::KeyHash;
 use super::redis_keys::KeyIndex;
+use crate::ledger::Ledger;
 use crate::redis_conn::RedisConn;
-use crate::state::AppState;
 
 /// Sets an account's status in its ledger hash, if Redis holds the account, unless a newer
 /// change (`status_ver`, µs) is already there: a replayed outbox entry never undoes a later one.
@@ -134,7 +134,7 @@ pub async fn submit(
     conn: &mut RedisConn,
     prefix: &str,
     index: &KeyIndex,
-    ledger: &crate::ledger::Ledger,
+    ledger: &Ledger,
     change: &Change,
 ) -> redis::RedisResult<()> {
     let fields = change.fields();
@@ -146,7 +146,7 @@ pub async fn submit(
 pub async fn apply_redis(
     conn: &mut RedisConn,
     index: &KeyIndex,
-    ledger: &crate::ledger::Ledger,
+    ledger: &Ledger,
     change: &Change,
 ) -> redis::RedisResult<()> {
     match change {
@@ -217,14 +217,25 @@ async fn apply_postgres(pg: &sqlx::PgPool, change: &Change) -> Result<(), Outbox
     Ok(())
 }
 
+/// The stores the drainer works on. Implemented by the composition root, which owns them;
+/// the drainer runs on its own, so it holds them through an `Arc`.
+pub trait Stores: Send + Sync + 'static {
+    /// A handle on the shared Redis connection.
+    fn redis(&self) -> RedisConn;
+    fn pg(&self) -> &sqlx::PgPool;
+    /// The account keys a status change applies to; its prefix and shard count (fixed for
+    /// the life of the process) also name the outbox and the key index.
+    fn ledger(&self) -> &Ledger;
+}
+
 /// Drains the outbox into Postgres, oldest first, stopping at the first failure so a later
 /// change never lands before an earlier one. Returns how many entries were written; 0 when
 /// another drainer holds the lock.
-pub async fn drain(state: &AppState) -> Result<usize, OutboxError> {
-    let config = state.config();
-    let prefix = &config.redis.key_prefix;
-    let index = KeyIndex::new(prefix, config.redis.shards);
-    let mut conn = state.redis.clone();
+pub async fn drain(stores: &impl Stores) -> Result<usize, OutboxError> {
+    let ledger = stores.ledger();
+    let prefix = &ledger.prefix;
+    let index = KeyIndex::new(prefix, ledger.shards);
+    let mut conn = stores.redis();
     let token = uuid::Uuid::now_v7().simple().to_string();
     let locked: Option<String> = redis::cmd("SET")
         .arg(lock(prefix))
@@ -237,7 +248,7 @@ pub async fn drain(state: &AppState) -> Result<usize, OutboxError> {
     if locked.is_none() {
         return Ok(0);
     }
-    let result = drain_locked(state, &mut conn, prefix, &index).await;
+    let result = drain_locked(stores, &mut conn, prefix, &index).await;
     let _: i64 = UNLOCK
         .key(lock(prefix))
         .arg(&token)
@@ -247,7 +258,7 @@ pub async fn drain(state: &AppState) -> Result<usize, OutboxError> {
 }
 
 async fn drain_locked(
-    state: &AppState,
+    stores: &impl Stores,
     conn: &mut RedisConn,
     prefix: &str,
     index: &KeyIndex,
@@ -271,8 +282,8 @@ async fn drain_locked(
             .collect();
         match Change::parse(&fields) {
             Some(change) => {
-                apply_redis(conn, index, &state.ledger, &change).await?;
-                apply_postgres(&state.pg, &change).await?;
+                apply_redis(conn, index, stores.ledger(), &change).await?;
+                apply_postgres(stores.pg(), &change).await?;
             }
             None => tracing::error!(entry = %entry.id, "dropping a malformed auth outbox entry"),
         }
@@ -285,8 +296,8 @@ async fn drain_locked(
 /// Drains now, on the side, and waits a little for it: with Postgres up the change is in
 /// Postgres before the admin call answers; with Postgres down the call answers anyway (the
 /// drain goes on, and releases its lock, by itself).
-pub async fn nudge(state: Arc<AppState>) {
-    let task = tokio::spawn(async move { drain(&state).await });
+pub async fn nudge(stores: Arc<impl Stores>) {
+    let task = tokio::spawn(async move { drain(&*stores).await });
     match tokio::time::timeout(Duration::from_secs(2), task).await {
         Ok(Ok(Ok(_))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "auth outbox not drained yet"),
@@ -296,10 +307,10 @@ pub async fn nudge(state: Arc<AppState>) {
 }
 
 /// The background drainer of one instance.
-pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
+pub async fn run(stores: Arc<impl Stores>, stop: CancellationToken) {
     let mut failing = false;
     loop {
-        match drain(&state).await {
+        match drain(&*stores).await {
             Ok(n) => {
                 if failing {
                     tracing::info!("auth outbox drains again");

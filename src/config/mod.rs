@@ -6,6 +6,7 @@
 
 mod parse;
 pub mod raw;
+mod tier;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use http::{HeaderName, HeaderValue, Method};
 
 use crate::money::Credits;
 pub use raw::{FailMode, MonthlyCredits, RefundOn};
+pub use tier::TierConfig;
 
 /// A config file that cannot be used, with every reason found.
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +46,31 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub admin_token_env: String,
     pub journal: raw::Journal,
+    pub leases: raw::Leases,
     pub auth: AuthConfig,
     pub stripe: Option<StripeConfig>,
     pub alerts: Option<AlertsConfig>,
+    /// `[portal]`; `public_url` is checked and has no trailing slash.
+    pub portal: raw::Portal,
     pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
     pub routes: Vec<Arc<RouteConfig>>,
     pub tiers: BTreeMap<String, Arc<TierConfig>>,
     pub credit_packs: Vec<raw::CreditPack>,
+    pub telemetry: TelemetryConfig,
     /// Secrets named by the file but absent from the environment: fatal for `serve`, reported
     /// by `check-config`.
     pub missing_secrets: Vec<String>,
+}
+
+/// `[telemetry]`, validated.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Where spans are POSTed (the full `/v1/traces` URL); `None`: tracing is off.
+    pub otlp_traces_url: Option<String>,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub log_format: raw::LogFormat,
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +80,8 @@ pub struct ServerConfig {
     pub metrics_listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub threads: usize,
+    /// HTTPS on the proxy listener; the files are read at start and by a reload.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +107,18 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_seconds: u64,
+    /// RS256/ES256 keys from a JWKS URL instead of `public_key_pem`.
+    pub jwks: Option<JwksConfig>,
+}
+
+/// Where RS256/ES256 keys come from when the identity provider publishes a JWKS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksConfig {
+    pub url: String,
+    /// Periodic refetch.
+    pub refresh: Duration,
+    /// The least time between two fetches caused by unknown `kid`s.
+    pub min_refetch: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +134,8 @@ pub struct StripeConfig {
     pub default_tier: String,
     /// Per Stripe API call.
     pub timeout: Duration,
+    /// Whether the portal links into Stripe's billing portal.
+    pub billing_portal: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +162,30 @@ pub struct UpstreamConfig {
     pub write_timeout: Duration,
     pub preserve_host: bool,
     pub tls_verify: bool,
+    /// The backends of `urls` (empty for a single `url`, which `host`/`port` describe).
+    pub backends: Vec<BackendAddr>,
+    pub lb: raw::LbPolicy,
+    pub health_check: Option<HealthCheckConfig>,
+    /// How long a backend whose connection failed is skipped (`None`: never).
+    pub eject: Option<Duration>,
+    /// Trusted instead of the system roots for this https upstream (`ca`).
+    pub ca: Option<Arc<Box<[pingora::tls::x509::X509]>>>,
+}
+
+/// One of an upstream's `urls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as written: the backend's `Host` header and its metric label.
+    pub authority: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// How a route is charged.
@@ -162,12 +219,6 @@ impl RouteConfig {
     pub fn refunds(&self, on: RefundOn) -> bool {
         self.refund_on.contains(&on)
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct TierConfig {
-    pub name: String,
-    pub raw: raw::Tier,
 }
 
 impl Config {
@@ -254,13 +305,6 @@ impl Config {
             longest = Some(longest.map_or(days, |l| l.max(days)));
         }
         longest
-    }
-}
-
-impl TierConfig {
-    /// Days of history the usage and history API show this tier's accounts (`None`: all).
-    pub fn history_days(&self) -> Option<u32> {
-        self.raw.history_days
     }
 }
 

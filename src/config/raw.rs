@@ -7,6 +7,12 @@ use serde::Deserialize;
 
 use crate::money::Credits;
 
+mod plans;
+mod traffic;
+
+pub use plans::*;
+pub use traffic::*;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -18,11 +24,15 @@ pub struct Config {
     #[serde(default)]
     pub journal: Journal,
     #[serde(default)]
+    pub leases: Leases,
+    #[serde(default)]
     pub auth: Auth,
     #[serde(default)]
     pub stripe: Option<Stripe>,
     #[serde(default)]
     pub alerts: Option<Alerts>,
+    #[serde(default)]
+    pub portal: Portal,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
@@ -31,6 +41,8 @@ pub struct Config {
     pub tiers: BTreeMap<String, Tier>,
     #[serde(default)]
     pub credit_packs: Vec<CreditPack>,
+    #[serde(default)]
+    pub telemetry: Telemetry,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +58,17 @@ pub struct Server {
     /// Worker threads for the proxy runtime; 0 = one per core.
     #[serde(default)]
     pub threads: usize,
+    /// HTTPS on the proxy listener (HTTP/2 and HTTP/1.1 through ALPN).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+}
+
+/// PEM files of the proxy listener's certificate (chain) and private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub cert: String,
+    pub key: String,
 }
 
 fn default_grace() -> u64 {
@@ -123,6 +146,70 @@ impl Default for Journal {
     }
 }
 
+/// Credit slices: each instance serves an account's fixed-price requests from a slice of its
+/// balance reserved in Redis, and reports what it spent once per batch window (DESIGN
+/// "Credit leases").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Leases {
+    /// On: eligible requests are served from credit slices. Off (the default for now): every
+    /// metered request makes its own debit call (the exact path).
+    #[serde(default)]
+    pub enabled: bool,
+    /// How often spending is reported (one script call per shard). Bounds what a crashed
+    /// instance forgives, how long other instances' balance views lag, and how long a tier
+    /// change, suspension or clawback takes to reach a slice when pub/sub is down.
+    #[serde(default = "default_batch_ms")]
+    pub batch_ms: u64,
+    /// A slice is sized to this much of the account's recent traffic (and at least a few
+    /// requests).
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    /// A slice not renewed for this long (its instance died) goes back to the account.
+    #[serde(default = "default_slice_ttl_ms")]
+    pub ttl_ms: u64,
+    /// An unused slice is given back after this long.
+    #[serde(default = "default_idle_ms")]
+    pub idle_ms: u64,
+    /// Near the end of a balance, how long a request waits for other instances to give their
+    /// slices back before it is refused.
+    #[serde(default = "default_recall_wait_ms")]
+    pub recall_wait_ms: u64,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            enabled: false,
+            batch_ms: default_batch_ms(),
+            window_ms: default_window_ms(),
+            ttl_ms: default_slice_ttl_ms(),
+            idle_ms: default_idle_ms(),
+            recall_wait_ms: default_recall_wait_ms(),
+        }
+    }
+}
+
+fn default_batch_ms() -> u64 {
+    100
+}
+
+fn default_window_ms() -> u64 {
+    500
+}
+
+fn default_slice_ttl_ms() -> u64 {
+    5_000
+}
+
+fn default_idle_ms() -> u64 {
+    2_000
+}
+
+fn default_recall_wait_ms() -> u64 {
+    300
+}
+
 fn default_claim_idle() -> u64 {
     10
 }
@@ -194,6 +281,26 @@ pub struct Jwt {
     pub audience: Option<String>,
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
+    /// RS256/ES256 keys from the identity provider's JWKS document (instead of
+    /// `public_key_file`/`public_key_env`), picked by the token's `kid`, so the provider can
+    /// rotate keys without a tollgate restart.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The JWKS is fetched again this often, so removed keys stop working.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_seconds: u64,
+    /// A token with an unknown `kid` fetches the JWKS at most once per this many seconds, so
+    /// a flood of forged `kid`s cannot hammer the identity provider.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_seconds: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_jwks_min_refetch() -> u64 {
+    10
 }
 
 fn default_leeway() -> u64 {
@@ -221,6 +328,11 @@ pub struct Stripe {
     /// Longest wait for one Stripe API call (checkout, subscription changes).
     #[serde(default = "default_stripe_timeout")]
     pub timeout_ms: u64,
+    /// Offer a link into Stripe's customer billing portal (payment methods, invoices) on the
+    /// portal's Buy page. Off by default: the billing portal must first be set up in the
+    /// Stripe dashboard, or Stripe refuses the session.
+    #[serde(default)]
+    pub billing_portal: bool,
 }
 
 fn default_stripe_base() -> String {
@@ -231,6 +343,49 @@ fn default_grace_days() -> u32 {
 }
 fn default_stripe_timeout() -> u64 {
     10_000
+}
+
+/// The customer portal (`/_tollgate/portal/` on the proxy listener).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Portal {
+    /// Origin of the portal links the admin API hands out (`https://billing.example.com`), when
+    /// customers reach the proxy through another name than its listen address (a load
+    /// balancer, TLS in front). Absent: the proxy listener's own address.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// How long a portal link can be opened (it works once).
+    #[serde(default = "default_portal_link_ttl")]
+    pub link_ttl_seconds: u64,
+    /// How long a portal or console session lasts after sign-in.
+    #[serde(default = "default_portal_session_ttl")]
+    pub session_ttl_seconds: u64,
+    /// How often each instance writes its API keys' last-use times to Redis (the portal's
+    /// "last used"): requests only note a use in memory, so this bounds both the Redis writes
+    /// (one per key used, per interval) and how stale the portal's column can be.
+    #[serde(default = "default_key_used_flush")]
+    pub key_used_flush_seconds: u64,
+}
+
+impl Default for Portal {
+    fn default() -> Self {
+        Portal {
+            public_url: None,
+            link_ttl_seconds: default_portal_link_ttl(),
+            session_ttl_seconds: default_portal_session_ttl(),
+            key_used_flush_seconds: default_key_used_flush(),
+        }
+    }
+}
+
+fn default_portal_link_ttl() -> u64 {
+    900
+}
+fn default_portal_session_ttl() -> u64 {
+    3600
+}
+fn default_key_used_flush() -> u64 {
+    60
 }
 
 /// Outgoing alerts: low balance and 80 % / 100 % of the allowance, POSTed as signed JSON.
@@ -250,264 +405,41 @@ fn default_alert_attempts() -> u32 {
     10
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Upstream {
-    pub name: String,
-    pub url: String,
-    /// Replaces these request headers (the client's credential is always removed).
-    #[serde(default)]
-    pub set_headers: BTreeMap<String, String>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_ms: u64,
-    /// Longest wait for the next byte from the upstream (AI calls think for a while).
-    #[serde(default = "default_read_timeout")]
-    pub read_timeout_ms: u64,
-    #[serde(default = "default_write_timeout")]
-    pub write_timeout_ms: u64,
-    /// Send the client's Host header instead of the upstream's own host.
-    #[serde(default)]
-    pub preserve_host: bool,
-    /// Verify the upstream's TLS certificate (https only).
-    #[serde(default = "default_true")]
-    pub tls_verify: bool,
-}
-
-fn default_connect_timeout() -> u64 {
-    5_000
-}
-fn default_read_timeout() -> u64 {
-    300_000
-}
-fn default_write_timeout() -> u64 {
-    60_000
-}
-fn default_true() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefundOn {
-    ConnectError,
-    #[serde(rename = "5xx")]
-    Status5xx,
-    Timeout,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum FailMode {
-    /// Redis unreachable → 503 metering_unavailable.
-    #[default]
-    Closed,
-    /// Redis unreachable → forward unmetered, counted in a metric and the log.
-    Open,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    pub name: String,
-    #[serde(default)]
-    pub method: Option<String>,
-    pub path_prefix: String,
-    pub upstream: String,
-    /// Name for quotas and usage stats; the route name when absent.
-    #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
-    pub cost: Option<Credits>,
-    #[serde(default)]
-    pub pricing: Option<Pricing>,
-    #[serde(default)]
-    pub feature: Option<String>,
-    #[serde(default = "default_refund_on")]
-    pub refund_on: Vec<RefundOn>,
-    #[serde(default)]
-    pub public: bool,
-    #[serde(default)]
-    pub fail_mode: FailMode,
-    /// Lower the request's `max_tokens` to what the caller's balance can pay for.
-    #[serde(default)]
-    pub cap_max_tokens: bool,
-    /// Resources a successful request adds or removes, e.g. `{ agents = 1 }` on "create agent"
-    /// and `{ agents = -1 }` on "delete agent"; capped by the tier's `limits`.
-    #[serde(default)]
-    pub counts: BTreeMap<String, i64>,
-}
-
-fn default_refund_on() -> Vec<RefundOn> {
-    vec![RefundOn::ConnectError, RefundOn::Status5xx]
-}
-
-/// A metered route's prices (instead of a fixed `cost`). See README "Pricing AI routes".
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pricing {
-    #[serde(default)]
-    pub per_request: Option<Credits>,
-    #[serde(default)]
-    pub input_per_1k_tokens: Option<Credits>,
-    #[serde(default)]
-    pub output_per_1k_tokens: Option<Credits>,
-    #[serde(default)]
-    pub per_mb_request_body: Option<Credits>,
-    #[serde(default)]
-    pub per_minute: Option<Credits>,
-    /// Credits held when the request is admitted, until the response says what it cost.
-    #[serde(default)]
-    pub reserve: Option<Credits>,
-    /// Hold the estimate for the request's `max_tokens` when it is larger than `reserve`.
-    #[serde(default)]
-    pub reserve_from_max_tokens: bool,
-    /// Ask OpenAI-style upstreams for usage on streams (`stream_options.include_usage`).
-    #[serde(default = "yes")]
-    pub include_usage: bool,
-    /// Length of a billed duration step: `per_minute` is charged per started step, prorated
-    /// (`per_minute × tick_seconds / 60`). Default 60: per started minute.
-    #[serde(default)]
-    pub tick_seconds: Option<u64>,
-    /// Prices per model (the request's JSON `model`); a name ending in `*` is a prefix. An
-    /// entry overrides the route's prices it sets.
-    #[serde(default)]
-    pub models: BTreeMap<String, ModelPrice>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// One model's prices in a route's `pricing.models`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelPrice {
-    #[serde(default)]
-    pub per_request: Option<Credits>,
-    #[serde(default)]
-    pub input_per_1k_tokens: Option<Credits>,
-    #[serde(default)]
-    pub output_per_1k_tokens: Option<Credits>,
-    #[serde(default)]
-    pub reserve: Option<Credits>,
-}
-
-/// `monthly_credits = 20` or `monthly_credits = "unlimited"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MonthlyCredits {
-    Limited(Credits),
-    Unlimited,
-}
-
-impl<'de> Deserialize<'de> for MonthlyCredits {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Credits(Credits),
-            Text(String),
-        }
-        // Floats arrive as their literal text (see config::load), so strings are tried as
-        // "unlimited" first and then as decimals.
-        let value = serde_json::Value::deserialize(d)?;
-        if value.as_str() == Some("unlimited") {
-            return Ok(MonthlyCredits::Unlimited);
-        }
-        match serde_json::from_value::<Either>(value.clone()) {
-            Ok(Either::Credits(c)) => Ok(MonthlyCredits::Limited(c)),
-            Ok(Either::Text(t)) => Err(serde::de::Error::custom(format!(
-                "{t:?} is neither a decimal number nor \"unlimited\""
-            ))),
-            Err(_) => Err(serde::de::Error::custom(format!(
-                "{value} is neither a decimal number nor \"unlimited\""
-            ))),
-        }
-    }
-}
-
+/// `[telemetry]`: where traces go and how logs look. Read once at start (a change needs a
+/// restart): the log subscriber and the trace exporter are process-wide.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ActionQuota {
+pub struct Telemetry {
+    /// OTLP/HTTP (protobuf) collector, e.g. `http://127.0.0.1:4318`; traces are POSTed to
+    /// `/v1/traces` under it (a URL with a path is used as is). Unset: no tracing work at all.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces recorded (0 to 1; default 1). A client's `traceparent` decides for
+    /// its own requests (parent-based), so one trace is never half recorded.
+    pub sample_ratio: Option<Number>,
+    /// `service.name` of the exported spans.
+    pub service_name: Option<String>,
     #[serde(default)]
-    pub per_hour: Option<u64>,
+    pub log_format: LogFormat,
+    /// One log line per request (method, path, status, account, charge, duration, request id).
     #[serde(default)]
-    pub per_month: Option<u64>,
-    /// Requests of this action in flight per account (e.g. 1 open sandbox session), apart
-    /// from the tier-wide `max_concurrent`.
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
+    pub access_log: bool,
 }
 
+/// A number written as an integer or a decimal (floats reach serde as their literal text).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tier {
-    pub monthly_credits: MonthlyCredits,
-    #[serde(default)]
-    pub requests_per_hour: Option<u64>,
-    #[serde(default)]
-    pub requests_per_month: Option<u64>,
-    #[serde(default)]
-    pub action_quotas: BTreeMap<String, ActionQuota>,
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
-    #[serde(default)]
-    pub max_request_mb: Option<u64>,
-    #[serde(default)]
-    pub rate_per_second: Option<u32>,
-    #[serde(default)]
-    pub low_balance_credits: Option<Credits>,
-    /// Tokens (in + out, as settled on token-priced routes) per billing period.
-    #[serde(default)]
-    pub tokens_per_month: Option<u64>,
-    /// Seats: active API keys an account of this tier may have (team members sharing one
-    /// balance).
-    #[serde(default)]
-    pub max_keys: Option<u32>,
-    /// Caps on resources the routes count (`counts`), e.g. `{ agents = 3 }`; a resource not
-    /// listed is unlimited.
-    #[serde(default)]
-    pub limits: BTreeMap<String, u64>,
-    /// One-time setup fee added to the first subscription checkout (needs
-    /// `stripe_setup_price_id` when Stripe is configured).
-    #[serde(default)]
-    pub setup_fee_cents: Option<u64>,
-    #[serde(default)]
-    pub stripe_setup_price_id: Option<String>,
-    #[serde(default)]
-    pub features: Vec<String>,
-    /// Monthly list price, used to name "the cheapest tier that has it" and for reports.
-    #[serde(default)]
-    pub price_cents_monthly: Option<u64>,
-    #[serde(default)]
-    pub price_cents_yearly: Option<u64>,
-    #[serde(default)]
-    pub stripe_price_id_monthly: Option<String>,
-    #[serde(default)]
-    pub stripe_price_id_yearly: Option<String>,
-    /// Currency of the list prices above.
-    #[serde(default = "default_currency")]
-    pub currency: String,
-    /// Days of journal history the usage and history API show accounts of this tier; absent:
-    /// all of it. When every tier has one, journal months older than the longest are rolled
-    /// up and dropped (README: "Postgres at volume").
-    #[serde(default)]
-    pub history_days: Option<u32>,
+#[serde(untagged)]
+pub enum Number {
+    Int(i64),
+    Text(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreditPack {
-    pub id: String,
-    pub credits: Credits,
-    #[serde(default)]
-    pub bonus_credits: Credits,
-    pub price_cents: u64,
-    #[serde(default = "default_currency")]
-    pub currency: String,
-    #[serde(default)]
-    pub stripe_price_id: Option<String>,
-}
-
-fn default_currency() -> String {
-    "usd".into()
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
 }

@@ -227,6 +227,30 @@ fn the_credit_reconciliation_interval_is_bounded() {
     );
 }
 
+#[test]
+fn the_portal_section_has_defaults_and_checks_its_origin() {
+    let c = load(BASE).unwrap();
+    assert_eq!(c.portal.public_url, None);
+    assert_eq!(c.portal.link_ttl_seconds, 900);
+    assert_eq!(c.portal.session_ttl_seconds, 3600);
+    let c = load(&format!(
+        "{BASE}\n[portal]\npublic_url = \"https://billing.example.com/\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.portal.public_url.as_deref(),
+        Some("https://billing.example.com")
+    );
+    let e = errors(&format!(
+        "{BASE}\n[portal]\npublic_url = \"https://x.example.com/portal\"\nlink_ttl_seconds = 5\n"
+    ));
+    assert!(e.contains("portal.public_url"), "{e}");
+    assert!(
+        e.contains("portal.link_ttl_seconds: must be between 60 and 86400"),
+        "{e}"
+    );
+}
+
 /// The line of `needle` in `text` (1-based), for asserting reported lines.
 fn line_containing(text: &str, needle: &str) -> usize {
     text.lines()
@@ -355,4 +379,93 @@ fn route_names_starting_with_an_underscore_are_reserved_for_metrics() {
         err.contains("routes[0].name: \"_auth\": names starting with _ are reserved"),
         "{err}"
     );
+}
+
+#[test]
+fn jwks_url_is_an_alternative_to_a_pasted_key() {
+    let jwt = |lines: &str| {
+        format!("{BASE}\n[auth.jwt]\naccount_claim = \"org\"\nalgorithms = [\"RS256\", \"ES256\"]\n{lines}\n")
+    };
+    let c = load(&jwt(
+        "jwks_url = \"https://id.example.com/.well-known/jwks.json\"",
+    ))
+    .unwrap();
+    let jwks = c.auth.jwt.unwrap().jwks.unwrap();
+    assert_eq!(jwks.url, "https://id.example.com/.well-known/jwks.json");
+    assert_eq!(jwks.refresh, Duration::from_secs(300));
+    assert_eq!(jwks.min_refetch, Duration::from_secs(10));
+
+    // Not together with a pasted key; only http(s); sane intervals.
+    let e = errors(&jwt(
+        "jwks_url = \"https://id.example.com/jwks\"\npublic_key_env = \"PEM\"",
+    ));
+    assert!(
+        e.contains("auth.jwt.jwks_url: set either jwks_url or a public key"),
+        "{e}"
+    );
+    let e = errors(&jwt("jwks_url = \"file:///etc/jwks.json\""));
+    assert!(
+        e.contains("auth.jwt.jwks_url: must be an http:// or https:// URL"),
+        "{e}"
+    );
+    let e = errors(&jwt(
+        "jwks_url = \"https://id.example.com/jwks\"\njwks_refresh_seconds = 0\njwks_min_refetch_seconds = 7200",
+    ));
+    assert!(
+        e.contains("auth.jwt.jwks_refresh_seconds: must be 1 to 86400"),
+        "{e}"
+    );
+    assert!(
+        e.contains("auth.jwt.jwks_min_refetch_seconds: must be 1 to 3600"),
+        "{e}"
+    );
+    // A JWKS serves RS256/ES256 keys only.
+    let e = errors(&format!(
+        "{BASE}\n[auth.jwt]\naccount_claim = \"org\"\nalgorithms = [\"HS256\"]\nsecret_env = \"AGENT_API_KEY\"\njwks_url = \"https://id.example.com/jwks\"\n"
+    ));
+    assert!(
+        e.contains("auth.jwt.jwks_url: a JWKS only serves RS256/ES256 keys"),
+        "{e}"
+    );
+}
+
+#[test]
+fn telemetry_is_off_by_default_and_validated() {
+    let c = load(BASE).unwrap();
+    assert!(c.telemetry.otlp_traces_url.is_none());
+    assert_eq!(c.telemetry.log_format, raw::LogFormat::Text);
+    assert!(!c.telemetry.access_log);
+    assert_eq!(c.telemetry.sample_ratio, 1.0);
+
+    let on = load(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"http://otel:4318\"\nsample_ratio = 0.25\nlog_format = \"json\"\naccess_log = true\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        on.telemetry.otlp_traces_url.as_deref(),
+        Some("http://otel:4318/v1/traces")
+    );
+    assert_eq!(on.telemetry.sample_ratio, 0.25);
+    assert_eq!(on.telemetry.log_format, raw::LogFormat::Json);
+    assert!(on.telemetry.access_log);
+    // A URL with a path is the traces URL itself.
+    let path = load(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"https://otel.example/custom/traces\"\nsample_ratio = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        path.telemetry.otlp_traces_url.as_deref(),
+        Some("https://otel.example/custom/traces")
+    );
+    assert_eq!(path.telemetry.sample_ratio, 0.0);
+
+    let e = errors(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"otel:4317\"\nsample_ratio = 1.5\nlog_format = \"xml\"\n"
+    ));
+    assert!(e.contains("telemetry.otlp_endpoint"), "{e}");
+    assert!(
+        e.contains("telemetry.sample_ratio: must be a number from 0 to 1"),
+        "{e}"
+    );
+    assert!(e.contains("telemetry.log_format"), "{e}");
 }

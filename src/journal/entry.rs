@@ -1,10 +1,29 @@
-//! A journal entry as the ledger scripts write it to a shard stream (flat field/value pairs)
-//! and as the flusher writes it to `ledger_entries`.
+//! A journal entry as the ledger scripts write it to a shard stream and as the flusher writes
+//! it to `ledger_entries`.
+//!
+//! A stream entry comes in one of two forms:
+//!
+//! - **one row**: flat field/value pairs (`id`, `acct`, `kind`, `amount`, `d_allow`, …), one
+//!   XADD per journal entry, as the per-request scripts write them;
+//! - **packed rows**: a single field `rows` holding many rows (one batch report of a credit
+//!   slice), so a batch window costs one XADD instead of one per request. Rows are joined by
+//!   `\n`; each row is [`PACKED_FIELDS`] joined by `|`, `req` last because it is the only part
+//!   that may itself contain `|` (a client-chosen request id). Integers are decimal text; empty
+//!   text is `None`. Every row keeps its own entry id and request id, so a charge is still
+//!   traced to its request.
+//!
+//! Both forms are acknowledged by their one stream id; a packed entry with one bad row is
+//! set aside whole (the dead-letter stream), never half written.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use redis::Value;
+
+mod packed;
+
+pub use packed::{pack_rows, packed_min_ts, PackError, RowFields, PACKED_FIELDS, ROWS_FIELD};
+use packed::{parse_int, split_row};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalEntry {
@@ -50,8 +69,10 @@ pub struct BadEntry {
 }
 
 impl JournalEntry {
-    /// Parses `[id, [field, value, ...]]`.
-    pub fn from_stream(v: &Value) -> Result<JournalEntry, BadEntry> {
+    /// Parses one stream entry, `[id, [field, value, ...]]`, in either form (one row, or
+    /// packed rows under `rows`) into its journal rows, all carrying the entry's stream id.
+    /// Any bad row makes the whole entry bad.
+    pub fn from_stream(v: &Value) -> Result<Vec<JournalEntry>, BadEntry> {
         let bad = |stream_id: &str, reason: &str| BadEntry {
             stream_id: stream_id.to_string(),
             reason: reason.to_string(),
@@ -66,6 +87,89 @@ impl JournalEntry {
         let fields = match parts.get(1) {
             Some(Value::Array(f)) => f,
             _ => return Err(bad(&stream_id, "no fields")),
+        };
+        let packed = fields.chunks(2).find_map(|pair| match pair {
+            [k, v] if bytes_to_string(k).as_deref() == Some(ROWS_FIELD) => Some(v),
+            _ => None,
+        });
+        match packed {
+            Some(rows) => {
+                let rows =
+                    bytes_to_string(rows).ok_or_else(|| bad(&stream_id, "rows is not text"))?;
+                Self::from_packed(&stream_id, &rows)
+            }
+            None => Ok(vec![Self::from_fields(stream_id, fields)?]),
+        }
+    }
+
+    /// The rows of a packed stream entry (see the module doc).
+    pub fn from_packed(stream_id: &str, rows: &str) -> Result<Vec<JournalEntry>, BadEntry> {
+        let bad = |reason: String| BadEntry {
+            stream_id: stream_id.to_string(),
+            reason,
+        };
+        if rows.is_empty() {
+            return Err(bad("rows is empty".into()));
+        }
+        let mut out = Vec::with_capacity(rows.len() / 96 + 1);
+        for (n, row) in rows.split('\n').enumerate() {
+            let p = split_row(row).ok_or_else(|| {
+                bad(format!(
+                    "row {n}: fewer than {} parts separated by '|'",
+                    PACKED_FIELDS.len()
+                ))
+            })?;
+            let int = |i: usize| {
+                parse_int(p[i]).ok_or_else(|| {
+                    bad(format!(
+                        "row {n}: {} = {:?} is not an integer",
+                        PACKED_FIELDS[i], p[i]
+                    ))
+                })
+            };
+            let required = |i: usize| {
+                if p[i].is_empty() {
+                    Err(bad(format!("row {n}: no {}", PACKED_FIELDS[i])))
+                } else {
+                    Ok(p[i].to_string())
+                }
+            };
+            let text = |i: usize| (!p[i].is_empty()).then(|| p[i].to_string());
+            let ts = int(11)?;
+            let created_at = DateTime::from_timestamp_millis(ts)
+                .ok_or_else(|| bad(format!("row {n}: bad ts {ts}")))?;
+            out.push(JournalEntry {
+                stream_id: stream_id.to_string(),
+                entry_id: required(0)?,
+                account_id: required(1)?,
+                kind: required(2)?,
+                amount: int(3)?,
+                d_allowance: int(4)?,
+                d_purchased: int(5)?,
+                allowance_after: int(6)?,
+                purchased_after: int(7)?,
+                route: text(8),
+                action: text(9),
+                tier: text(10),
+                created_at,
+                request_id: text(12),
+                tokens_in: None,
+                tokens_out: None,
+                upstream_status: None,
+                duration_ms: None,
+                reason: None,
+                period_start: None,
+                period_end: None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Parses the flat field/value form (one row).
+    fn from_fields(stream_id: String, fields: &[Value]) -> Result<JournalEntry, BadEntry> {
+        let bad = |stream_id: &str, reason: &str| BadEntry {
+            stream_id: stream_id.to_string(),
+            reason: reason.to_string(),
         };
         let mut map = HashMap::new();
         for pair in fields.chunks(2) {
@@ -161,7 +265,10 @@ mod tests {
         .map(|s| bulk(s))
         .collect();
         let v = Value::Array(vec![bulk("1-0"), Value::Array(fields)]);
-        let e = JournalEntry::from_stream(&v).unwrap();
+        let rows = JournalEntry::from_stream(&v).unwrap();
+        assert_eq!(rows.len(), 1);
+        let e = &rows[0];
+        assert_eq!(e.stream_id, "1-0");
         assert_eq!(e.entry_id, "r1:debit");
         assert_eq!(e.d_allowance, -200_000);
         assert_eq!(e.d_purchased, 0);
@@ -177,5 +284,129 @@ mod tests {
             Value::Array(vec![bulk("kind"), bulk("debit")]),
         ]);
         assert!(JournalEntry::from_stream(&v).is_err());
+    }
+
+    fn packed(stream_id: &str, rows: &str) -> Value {
+        Value::Array(vec![
+            bulk(stream_id),
+            Value::Array(vec![bulk(ROWS_FIELD), bulk(rows)]),
+        ])
+    }
+
+    fn row<'a>(entry_id: &'a str, req: Option<&'a str>) -> RowFields<'a> {
+        RowFields {
+            entry_id,
+            account_id: "acme",
+            kind: "debit",
+            amount: 200_000,
+            d_allowance: -150_000,
+            d_purchased: -50_000,
+            allowance_after: 0,
+            purchased_after: 9_950_000,
+            route: Some("chat"),
+            action: None,
+            tier: Some("pro"),
+            ts_ms: 1_795_239_492_723,
+            request_id: req,
+        }
+    }
+
+    #[test]
+    fn packed_rows_round_trip() {
+        let rows = [
+            row("c1:debit", Some("req|with|bars")),
+            row("c2:debit", None),
+            row("c3:debit", Some("plain")),
+        ];
+        let text = pack_rows(&rows).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.starts_with(
+            "c1:debit|acme|debit|200000|-150000|-50000|0|9950000|chat||pro|1795239492723|req|with|bars\n"
+        ));
+        let parsed = JournalEntry::from_stream(&packed("7-1", &text)).unwrap();
+        assert_eq!(parsed.len(), 3);
+        for (p, r) in parsed.iter().zip(&rows) {
+            // Every row shares the one stream id the flusher acknowledges.
+            assert_eq!(p.stream_id, "7-1");
+            assert_eq!(p.entry_id, r.entry_id);
+            assert_eq!(p.account_id, r.account_id);
+            assert_eq!(p.kind, r.kind);
+            assert_eq!(
+                (p.amount, p.d_allowance, p.d_purchased),
+                (r.amount, r.d_allowance, r.d_purchased)
+            );
+            assert_eq!(
+                (p.allowance_after, p.purchased_after),
+                (r.allowance_after, r.purchased_after)
+            );
+            assert_eq!(p.route.as_deref(), r.route);
+            assert_eq!(p.action.as_deref(), r.action);
+            assert_eq!(p.tier.as_deref(), r.tier);
+            assert_eq!(p.request_id.as_deref(), r.request_id);
+            assert_eq!(p.created_at.timestamp_millis(), r.ts_ms);
+        }
+        assert_eq!(packed_min_ts(&text), Some(1_795_239_492_723));
+    }
+
+    #[test]
+    fn packed_rows_written_by_hand_parse() {
+        // As a Lua script would write them: `-0`, an integral float, empty optional parts.
+        let text = "a:debit|acct1|debit|5|-0|-5|10|1.0e+2||||1000|r|1\nb:settle|acct1|settle|-5|0|5|10|105|r||free|999|";
+        let parsed = JournalEntry::from_stream(&packed("1-0", text)).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].d_allowance, 0);
+        assert_eq!(parsed[0].purchased_after, 100);
+        assert_eq!(parsed[0].route, None);
+        assert_eq!(parsed[0].request_id.as_deref(), Some("r|1"));
+        assert_eq!(parsed[1].request_id, None);
+        assert_eq!(parsed[1].route.as_deref(), Some("r"));
+        assert_eq!(parsed[1].tier.as_deref(), Some("free"));
+        assert_eq!(packed_min_ts(text), Some(999));
+    }
+
+    #[test]
+    fn one_bad_row_makes_the_whole_entry_bad() {
+        let good = pack_rows(&[row("c1:debit", Some("r1"))]).unwrap();
+        for bad_row in [
+            // Too few parts.
+            "c2:debit|acme|debit|1|2",
+            // Not an integer.
+            "c2:debit|acme|debit|one|0|0|0|0||||1000|r2",
+            // No account.
+            "c2:debit||debit|1|0|0|0|0||||1000|r2",
+            // A fractional amount.
+            "c2:debit|acme|debit|1.5|0|0|0|0||||1000|r2",
+            // No ts.
+            "c2:debit|acme|debit|1|0|0|0|0|||||r2",
+            // An empty line.
+            "",
+        ] {
+            let text = format!("{good}\n{bad_row}");
+            let err = JournalEntry::from_stream(&packed("3-0", &text)).unwrap_err();
+            assert_eq!(err.stream_id, "3-0", "{bad_row:?}");
+        }
+        assert!(JournalEntry::from_stream(&packed("3-0", "")).is_err());
+    }
+
+    #[test]
+    fn packing_refuses_parts_that_would_read_back_wrong() {
+        let mut r = row("c1:debit", Some("r1"));
+        r.route = Some("a|b");
+        assert!(matches!(
+            pack_rows(&[r]),
+            Err(PackError::Separator { field: "route", .. })
+        ));
+        let r = row("c1:debit", Some("line\nbreak"));
+        assert!(matches!(
+            pack_rows(&[r]),
+            Err(PackError::Separator { field: "req", .. })
+        ));
+        let mut r = row("c1:debit", None);
+        r.account_id = "";
+        assert!(matches!(
+            pack_rows(&[r]),
+            Err(PackError::Empty { field: "acct", .. })
+        ));
+        assert_eq!(pack_rows(&[]).unwrap(), "");
     }
 }

@@ -21,11 +21,19 @@ use super::entry::JournalEntry;
 use crate::ledger::keys;
 use crate::metrics::Metrics;
 
+mod backlog;
+mod read;
+
 pub const GROUP: &str = "tollgate-journal";
-/// Entries per shard per read, at most. A read whose reply does not arrive in time (the
+/// Stream entries per shard per read, at most. A read whose reply does not arrive in time (the
 /// connection's response timeout) is retried with a quarter of the count, down to
 /// MIN_READ_COUNT, and the count grows back after each good batch.
 const MAX_READ_COUNT: usize = 1000;
+/// Journal rows per shard per read, roughly: a stream entry may pack many rows (a credit
+/// slice's batch report), so the count of entries read is also bounded by this many rows
+/// divided by the rows per entry last seen. Keeps a batch (memory, one transaction) bounded
+/// in rows, as it was when every entry was one row.
+const MAX_READ_ROWS: usize = 1000;
 const MIN_READ_COUNT: usize = 1;
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -62,6 +70,8 @@ struct Batch {
     acks: Vec<(String, Vec<String>)>,
     /// Some streams could not be read (their node is down); the others were.
     partial: bool,
+    /// Stream entries read (each holds one row, or many when packed).
+    stream_entries: usize,
 }
 
 impl Batch {
@@ -114,146 +124,6 @@ impl Flusher {
         Ok(())
     }
 
-    /// Reads up to `count` entries per shard. `pending = true` re-reads this consumer's own
-    /// unacknowledged entries (after a failed read, whose entries were delivered to this
-    /// consumer although the reply never arrived, or a restart under the same name).
-    async fn read(&mut self, pending: bool, count: usize) -> redis::RedisResult<Batch> {
-        let all = streams(&self.prefix, self.shards);
-        let consumer = self.consumer.clone();
-        let retry = &self.retry_streams;
-        let calls = all.iter().map(|stream| {
-            let mut conn = self.redis.clone();
-            let consumer = consumer.as_str();
-            let from = if pending || retry.contains(stream) {
-                "0"
-            } else {
-                ">"
-            };
-            async move {
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(consumer)
-                    .arg("COUNT")
-                    .arg(count)
-                    .arg("STREAMS")
-                    .arg(stream)
-                    .arg(from)
-                    .query_async::<Value>(&mut conn)
-                    .await
-            }
-        });
-        let replies = join_all(calls).await;
-        let mut batch = Batch::default();
-        let mut last_err = None;
-        let mut failed = 0;
-        for (stream, reply) in all.iter().zip(replies) {
-            let reply = match reply {
-                Ok(r) => r,
-                Err(e) => {
-                    // One node down must not stop the journal of the others.
-                    failed += 1;
-                    self.retry_streams.insert(stream.clone());
-                    last_err = Some(e);
-                    continue;
-                }
-            };
-            let before = batch.acks.len();
-            // [[stream, [[id, fields], ...]]]
-            if let Value::Array(per_stream) = reply {
-                for s in per_stream {
-                    let Value::Array(parts) = s else { continue };
-                    if let Some(Value::Array(items)) = parts.get(1) {
-                        self.collect(stream, items, &mut batch).await;
-                    }
-                }
-            }
-            if batch.acks.len() == before {
-                // Nothing (more) pending on this stream: back to new entries.
-                self.retry_streams.remove(stream);
-            }
-        }
-        match last_err {
-            Some(e) if failed == all.len() => Err(e),
-            Some(e) => {
-                tracing::warn!(error = %e, failed, "journal: some shard streams cannot be read; the others go on");
-                self.metrics
-                    .journal_errors
-                    .with_label_values(&["redis"])
-                    .inc();
-                batch.partial = true;
-                Ok(batch)
-            }
-            None => Ok(batch),
-        }
-    }
-
-    /// Claims entries other (dead) consumers left pending.
-    async fn claim(&mut self, count: usize) -> redis::RedisResult<Batch> {
-        let mut batch = Batch::default();
-        for stream in streams(&self.prefix, self.shards) {
-            let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(self.claim_idle.as_millis() as u64)
-                .arg("0")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.redis)
-                .await;
-            let reply = match reply {
-                Ok(r) => r,
-                Err(e) if is_nogroup(&e) => return Err(e),
-                Err(e) => {
-                    // Claimed again on the next round, once the node is back.
-                    tracing::debug!(error = %e, stream, "journal: cannot claim from a stream");
-                    batch.partial = true;
-                    continue;
-                }
-            };
-            if let Value::Array(parts) = reply {
-                if let Some(Value::Array(items)) = parts.get(1) {
-                    self.collect(&stream, items, &mut batch).await;
-                }
-            }
-        }
-        Ok(batch)
-    }
-
-    async fn collect(&mut self, stream: &str, items: &[Value], batch: &mut Batch) {
-        let mut ids = Vec::new();
-        for item in items {
-            match JournalEntry::from_stream(item) {
-                Ok(entry) => {
-                    ids.push(entry.stream_id.clone());
-                    batch.entries.push(entry);
-                }
-                Err(bad) => {
-                    // Never block the stream on one bad entry, never drop it either: park it.
-                    tracing::error!(error = %bad, stream, "journal entry cannot be parsed; moved to the dead-letter stream");
-                    self.metrics
-                        .journal_errors
-                        .with_label_values(&["bad_entry"])
-                        .inc();
-                    let dead = format!("{stream}:dead");
-                    let raw = format!("{item:?}");
-                    let _: redis::RedisResult<String> = redis::cmd("XADD")
-                        .arg(&dead)
-                        .arg("*")
-                        .arg("raw")
-                        .arg(raw)
-                        .query_async(&mut self.redis)
-                        .await;
-                    ids.push(bad.stream_id);
-                }
-            }
-        }
-        if !ids.is_empty() {
-            batch.acks.push((stream.to_string(), ids));
-        }
-    }
-
     /// Writes a batch and acknowledges it. On failure nothing is acknowledged.
     async fn flush(&mut self, batch: &Batch) -> Result<(), FlushError> {
         if batch.is_empty() {
@@ -302,59 +172,6 @@ impl Flusher {
         Ok(())
     }
 
-    /// The backlog's size (XLEN) and age (the oldest entry's id: entries are deleted once
-    /// written, so the first one left is the oldest unwritten one), one pipeline per shard.
-    async fn sample_backlog(&mut self) {
-        let samples = streams(&self.prefix, self.shards)
-            .into_iter()
-            .map(|stream| {
-                let mut conn = self.redis.clone();
-                async move {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("XLEN").arg(&stream);
-                    pipe.cmd("XRANGE")
-                        .arg(&stream)
-                        .arg("-")
-                        .arg("+")
-                        .arg("COUNT")
-                        .arg(1);
-                    pipe.query_async::<(i64, Value)>(&mut conn).await
-                }
-            });
-        let samples: redis::RedisResult<Vec<(i64, Value)>> =
-            join_all(samples).await.into_iter().collect();
-        let Ok(samples) = samples else { return };
-        self.metrics
-            .journal_backlog
-            .set(samples.iter().map(|(len, _)| len).sum());
-        let oldest_ms = samples
-            .iter()
-            .filter_map(|(_, first)| first_id_millis(first))
-            .min();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let age = oldest_ms.map_or(0, |ms| ((now_ms - ms) / 1000).max(0));
-        self.metrics.journal_backlog_oldest_seconds.set(age);
-    }
-
-    /// Waits while Postgres is not ready yet, sampling the backlog; `true` when stopped.
-    async fn wait_for_postgres(&mut self, stop: &CancellationToken) -> bool {
-        let Some(mut ready) = self.pg_ready.clone() else {
-            return false;
-        };
-        while !*ready.borrow_and_update() {
-            self.sample_backlog().await;
-            tokio::select! {
-                _ = stop.cancelled() => return true,
-                _ = ready.changed() => {}
-                _ = tokio::time::sleep(BACKLOG_EVERY) => {}
-            }
-        }
-        false
-    }
-
     /// Runs until `stop`, then makes a last attempt to flush what it holds.
     pub async fn run(mut self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
@@ -376,6 +193,8 @@ impl Flusher {
         let mut in_hand: Option<Batch> = None;
         let mut read_pending = true;
         let mut count = MAX_READ_COUNT;
+        // Rows per stream entry in the last batch read (1 until packed entries are seen).
+        let mut rows_per_entry: usize = 1;
         let mut last_claim = Instant::now() - CLAIM_EVERY;
         let mut last_backlog = Instant::now() - BACKLOG_EVERY;
         loop {
@@ -386,15 +205,16 @@ impl Flusher {
             }
             // Whether this batch is a read of our own pending list.
             let mut pending_read = false;
+            let read_count = count.min((MAX_READ_ROWS / rows_per_entry).max(MIN_READ_COUNT));
             let batch = match in_hand.take() {
                 Some(b) => Ok(b),
                 None if last_claim.elapsed() >= CLAIM_EVERY && !stopping => {
                     last_claim = Instant::now();
-                    self.claim(count).await
+                    self.claim(read_count).await
                 }
                 None => {
                     pending_read = read_pending;
-                    self.read(read_pending, count).await
+                    self.read(read_pending, read_count).await
                 }
             };
             let batch = match batch {
@@ -436,7 +256,10 @@ impl Flusher {
                     continue;
                 }
             };
-            let full = batch.entries.len() >= count;
+            let full = batch.stream_entries >= read_count;
+            if batch.stream_entries > 0 {
+                rows_per_entry = batch.entries.len().div_ceil(batch.stream_entries).max(1);
+            }
             match self.flush(&batch).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
@@ -485,7 +308,7 @@ impl Flusher {
                 }
             } else if !full && stopping {
                 // Drained what there was at shutdown.
-                let last = self.read(false, count).await;
+                let last = self.read(false, read_count).await;
                 if let Ok(b) = last {
                     let _ = self.flush(&b).await;
                 }
@@ -493,22 +316,6 @@ impl Flusher {
             }
         }
     }
-}
-
-/// The millisecond timestamp of the first entry of an XRANGE reply (`[[id, fields]]`).
-fn first_id_millis(reply: &Value) -> Option<i64> {
-    let Value::Array(items) = reply else {
-        return None;
-    };
-    let Value::Array(entry) = items.first()? else {
-        return None;
-    };
-    let id = match entry.first()? {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        _ => return None,
-    };
-    id.split_once('-')?.0.parse().ok()
 }
 
 /// Whether a command (or any command of a pipeline) failed because a stream or the consumer
@@ -542,30 +349,5 @@ impl FlushError {
             FlushError::Postgres(_) => "postgres",
             FlushError::Redis(_) => "redis",
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use redis::Value;
-
-    fn entry(id: &str) -> Value {
-        Value::Array(vec![
-            Value::BulkString(id.as_bytes().to_vec()),
-            Value::Array(vec![]),
-        ])
-    }
-
-    #[test]
-    fn the_backlog_age_comes_from_the_first_entry_id() {
-        let reply = Value::Array(vec![entry("1796245592981-3")]);
-        assert_eq!(super::first_id_millis(&reply), Some(1_796_245_592_981));
-        // An empty stream, or a reply of another shape: no age.
-        assert_eq!(super::first_id_millis(&Value::Array(vec![])), None);
-        assert_eq!(super::first_id_millis(&Value::Nil), None);
-        assert_eq!(
-            super::first_id_millis(&Value::Array(vec![entry("garbage")])),
-            None
-        );
     }
 }

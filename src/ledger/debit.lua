@@ -19,7 +19,8 @@
 -- Reply: {0, from_allowance, from_purchased, allowance_after, purchased_after, period_end,
 --         taken (µc: the amount debited and journaled; nominal on unlimited tiers)}
 --        {1}                                 account not in Redis: hydrate and retry
---        {2, allowance, purchased}           insufficient credits
+--        {2, allowance, purchased, leased}   insufficient credits (leased: reserved by
+--                                            credit slices; recalling them may free it)
 --        {3, quota_name, limit, retry_after_s}
 --        {4, limit}                          too many requests in flight
 --        {5, status}                         account not active (past_due is served: until
@@ -61,7 +62,7 @@ end
 local ak = 'a:' .. action
 local function read()
   return redis.call('HMGET', acct, 'tier', 'status', 'grace_until', 'period_end', 'req_h_idx',
-    'req_h', 'req_p', ak .. ':hidx', ak .. ':h', ak .. ':p', 'allowance', 'purchased', 'tok_p', rk)
+    'req_h', 'req_p', ak .. ':hidx', ak .. ':h', ak .. ':p', 'allowance', 'purchased', 'tok_p', rk, 'leased')
 end
 local f = read()
 local cur_tier = f[1]
@@ -121,9 +122,11 @@ local usable = allowance
 if frozen then usable = 0 end
 local take = cost
 if monthly >= 0 or frozen then
-  if usable + purchased < cost then return {2, usable, purchased} end
+  -- Money reserved for other instances' credit slices (slice.lua) is not free to take.
+  local leased = tonumber(f[15] or '0')
+  if usable + purchased - leased < cost then return {2, usable, purchased, leased} end
   if hold_ttl > 0 then
-    local avail = math.max(usable + purchased, cost)
+    local avail = math.max(usable + purchased - leased, cost)
     if wanted < 0 then take = avail elseif wanted > cost then take = math.min(wanted, avail) end
   end
   from_allow = math.min(math.max(usable, 0), take)

@@ -38,7 +38,7 @@ pub async fn journal_sums(pg: &PgPool, account_id: &str) -> Result<JournalSums, 
 /// away (evicted, deleted) while some of its entries are unflushed would come back without
 /// their effect, and an account whose opening entry is unflushed would be opened twice.
 /// Redis first (atomically), then one Postgres statement: every entry counts once (see
-/// [`crate::journal::audit::journal_view`]). No entry of the account can be added to the
+/// [`super::snapshot::journal_view`]). No entry of the account can be added to the
 /// stream meanwhile: the scripts refuse an account whose hash is absent.
 pub async fn journal_view(
     conn: &mut RedisConn,
@@ -47,13 +47,10 @@ pub async fn journal_view(
     account_id: &str,
     timeout: std::time::Duration,
 ) -> Result<JournalSums, LedgerError> {
-    let snap = tokio::time::timeout(
-        timeout,
-        crate::journal::audit::snapshot(conn, keys, account_id),
-    )
-    .await
-    .map_err(|_| LedgerError::Timeout(timeout))??;
-    let view = crate::journal::audit::journal_view(pg, account_id, &snap.pending).await?;
+    let snap = tokio::time::timeout(timeout, super::snapshot::snapshot(conn, keys, account_id))
+        .await
+        .map_err(|_| LedgerError::Timeout(timeout))??;
+    let view = super::snapshot::journal_view(pg, account_id, &snap.pending).await?;
     let (allowance, purchased) = view.total();
     Ok(JournalSums {
         entries: view.entries(),
@@ -93,7 +90,7 @@ impl Ledger {
                 .flatten();
         let opening = sums.entries == 0;
         let (allowance, purchased) = if opening {
-            let monthly = match tier.raw.monthly_credits {
+            let monthly = match tier.monthly_credits() {
                 MonthlyCredits::Limited(c) => c,
                 MonthlyCredits::Unlimited => Credits::ZERO,
             };

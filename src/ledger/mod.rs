@@ -9,8 +9,12 @@ pub mod holds;
 pub mod hydrate;
 pub mod keys;
 pub mod reconcile;
+pub mod snapshot;
 pub mod unanswered;
 pub mod unanswered_store;
+
+mod request_ops;
+mod state;
 
 use std::time::Duration;
 
@@ -93,6 +97,8 @@ pub enum DebitOutcome {
     Insufficient {
         allowance: Credits,
         purchased: Credits,
+        /// Reserved by credit slices (not free, though part of the balance).
+        leased: Credits,
     },
     Quota {
         name: String,
@@ -161,6 +167,8 @@ pub struct AccountState {
     pub purchased: Credits,
     pub period_start: i64,
     pub period_end: i64,
+    /// Part of the balance reserved by instances' credit slices (spent from them or given back).
+    pub leased: Credits,
 }
 
 /// Plan counters of an account (admin view).
@@ -174,6 +182,18 @@ pub struct Counters {
 impl AccountState {
     pub fn total(&self) -> Credits {
         self.allowance + self.purchased
+    }
+
+    /// Takes what this instance served from its slice and Redis has not seen yet off the
+    /// balance (allowance first, as its report will), so the view is exact for one instance.
+    pub fn less_unconfirmed(mut self, unconfirmed: Credits) -> Self {
+        if unconfirmed != Credits::ZERO {
+            let from_allowance = unconfirmed.min(self.allowance.max(Credits::ZERO));
+            self.allowance -= from_allowance;
+            self.purchased -= unconfirmed - from_allowance;
+            self.leased = (self.leased - unconfirmed).max(Credits::ZERO);
+        }
+        self
     }
 }
 
@@ -343,6 +363,7 @@ impl Ledger {
             2 => DebitOutcome::Insufficient {
                 allowance: c(1)?,
                 purchased: c(2)?,
+                leased: c(3).unwrap_or(Credits::ZERO),
             },
             3 => DebitOutcome::Quota {
                 name: reply.get(1).and_then(text).unwrap_or_default(),
@@ -447,136 +468,5 @@ impl Ledger {
             )
             .await?;
         Ok(reply.first().and_then(int) == Some(0))
-    }
-
-    /// Reads an account's live state; `None` when it is not in Redis.
-    pub async fn state(
-        &self,
-        conn: &mut RedisConn,
-        account_id: &str,
-    ) -> Result<Option<AccountState>, LedgerError> {
-        let k = self.keys(account_id);
-        let fields: Vec<Option<String>> = self
-            .timed(
-                redis::cmd("HMGET")
-                    .arg(&k.account)
-                    .arg(&[
-                        "tier",
-                        "status",
-                        "allowance",
-                        "purchased",
-                        "period_start",
-                        "period_end",
-                    ])
-                    .query_async(conn),
-            )
-            .await?;
-        let get = |i: usize| fields.get(i).cloned().flatten();
-        let Some(tier) = get(0) else {
-            return Ok(None);
-        };
-        let num = |i: usize| get(i).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
-        Ok(Some(AccountState {
-            tier,
-            status: get(1).unwrap_or_else(|| "active".into()),
-            allowance: Credits::from_micros(num(2)),
-            purchased: Credits::from_micros(num(3)),
-            period_start: num(4),
-            period_end: num(5),
-        }))
-    }
-
-    /// Releases a concurrency lease (best effort: it expires on its own anyway).
-    pub async fn release_lease(
-        &self,
-        conn: &mut RedisConn,
-        account_id: &str,
-        charge_id: &str,
-        action: Option<&str>,
-    ) -> Result<(), LedgerError> {
-        let k = self.keys(account_id);
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(&k.leases).arg(charge_id).ignore();
-        if let Some(action) = action {
-            pipe.cmd("ZREM")
-                .arg(k.action_leases(action))
-                .arg(charge_id)
-                .ignore();
-        }
-        let () = self.timed(pipe.query_async(conn)).await?;
-        Ok(())
-    }
-
-    /// The account's plan counters: requests and tokens this period, counted resources.
-    pub async fn counters(
-        &self,
-        conn: &mut RedisConn,
-        account_id: &str,
-    ) -> Result<Counters, LedgerError> {
-        let k = self.keys(account_id);
-        let all: std::collections::HashMap<String, String> = self
-            .timed(redis::cmd("HGETALL").arg(&k.account).query_async(conn))
-            .await?;
-        let num = |v: Option<&String>| v.and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
-        Ok(Counters {
-            requests: num(all.get("req_p")),
-            tokens: num(all.get("tok_p")),
-            resources: all
-                .iter()
-                .filter_map(|(f, v)| Some((f.strip_prefix("r:")?.to_string(), num(Some(v)))))
-                .collect(),
-        })
-    }
-
-    /// Pushes a running request's lease(s) `ttl_ms` into the future (only if still present).
-    pub async fn renew_lease(
-        &self,
-        conn: &mut RedisConn,
-        account_id: &str,
-        charge_id: &str,
-        action: Option<&str>,
-        ttl_ms: u64,
-    ) -> Result<(), LedgerError> {
-        let k = self.keys(account_id);
-        let until = now_ms() + ttl_ms as i64;
-        let mut pipe = redis::pipe();
-        let mut zsets = vec![k.leases.clone()];
-        zsets.extend(action.map(|a| k.action_leases(a)));
-        for zset in &zsets {
-            // Every member expires by now + ttl at the latest, so this never shortens one.
-            pipe.cmd("ZADD")
-                .arg(zset)
-                .arg("XX")
-                .arg(until)
-                .arg(charge_id)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(zset)
-                .arg(ttl_ms)
-                .ignore();
-        }
-        let () = self.timed(pipe.query_async(conn)).await?;
-        Ok(())
-    }
-
-    /// Takes back a resource count of a request that did not succeed.
-    pub async fn uncount(
-        &self,
-        conn: &mut RedisConn,
-        account_id: &str,
-        resource: &str,
-        delta: i64,
-    ) -> Result<(), LedgerError> {
-        let k = self.keys(account_id);
-        let _: i64 = self
-            .timed(
-                self.uncount
-                    .key(&k.account)
-                    .arg(resource)
-                    .arg(delta)
-                    .invoke_async(conn),
-            )
-            .await?;
-        Ok(())
     }
 }

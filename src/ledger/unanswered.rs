@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::Value;
 use sqlx::PgPool;
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::holds::{SettleOutcome, SettleRequest};
 use super::unanswered_store as store;
+pub use super::unanswered_store::Unanswered;
 use super::{CreditOutcome, CreditRequest, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::money::Credits;
@@ -43,20 +44,6 @@ const NO_DEADLINE_WAIT: Duration = Duration::from_secs(5);
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 const ROUND_EVERY: Duration = Duration::from_secs(1);
 const MARK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// A debit with an unknown outcome.
-#[derive(Debug, Clone)]
-pub struct Unanswered {
-    pub account_id: String,
-    pub charge_id: String,
-    pub request_id: String,
-    pub route: String,
-    pub action: String,
-    /// The script's deadline in Redis's clock (0 = none was set).
-    pub deadline_ms: i64,
-    pub hold: bool,
-    pub noted: Instant,
-}
 
 /// Whether an error leaves the debit's outcome unknown (it may have run).
 pub fn outcome_unknown(e: &LedgerError) -> bool {

@@ -11,7 +11,19 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::unanswered::Unanswered;
+/// A debit with an unknown outcome.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    pub account_id: String,
+    pub charge_id: String,
+    pub request_id: String,
+    pub route: String,
+    pub action: String,
+    /// The script's deadline in Redis's clock (0 = none was set).
+    pub deadline_ms: i64,
+    pub hold: bool,
+    pub noted: Instant,
+}
 
 /// How far ahead a claim reaches; another instance takes a row over once it has lapsed.
 pub const CLAIM: Duration = Duration::from_secs(10);

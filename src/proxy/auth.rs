@@ -68,13 +68,21 @@ pub async fn authenticate(
             .resolve_key(&state.pg, &mut redis, &index, &token)
             .await
     } else if let (Some(jwt), true) = (&snap.jwt, JwtVerifier::looks_like_jwt(&token)) {
-        match jwt.verify(&token) {
+        match jwt.verify(&token).await {
             Ok(account) => {
                 let mut redis = state.redis.clone();
                 state
                     .caches
                     .resolve_account(&state.pg, &mut redis, &index, &account)
                     .await
+            }
+            Err(crate::auth::jwt::JwtError::KeysUnavailable) => {
+                state
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["store_unavailable"])
+                    .inc();
+                return Err(GatewayError::AuthKeysUnavailable);
             }
             Err(e) => Err(AuthError::Invalid(e.to_string())),
         }
@@ -84,7 +92,12 @@ pub async fn authenticate(
         ))
     };
     match result {
-        Ok(identity) => Ok((identity, header)),
+        Ok(identity) => {
+            if let Some(key_id) = &identity.key_id {
+                state.web.key_usage.record(&identity.account_id, key_id);
+            }
+            Ok((identity, header))
+        }
         Err(AuthError::Store(e)) => {
             tracing::error!(error = %e, "credential lookup failed");
             state

@@ -35,6 +35,9 @@ pub struct Charge {
     pub action_lease: bool,
     /// The resource this request counted (taken back if the request does not succeed).
     pub counted: Option<(String, i64)>,
+    /// Served from this instance's credit slice: refunds go into its next report, and the
+    /// split above is an estimate until that report decides it.
+    pub slice: bool,
 }
 
 /// What to debit: a fixed price, or a hold for a metered route.
@@ -61,7 +64,7 @@ pub enum Debit {
 }
 
 fn monthly(tier: &TierConfig) -> Option<Credits> {
-    match tier.raw.monthly_credits {
+    match tier.monthly_credits() {
         MonthlyCredits::Limited(c) => Some(c),
         MonthlyCredits::Unlimited => None,
     }
@@ -77,9 +80,14 @@ pub async fn debit(
     request_id: &str,
 ) -> Result<Debit, DebitError> {
     let cost = ask.cost;
-    let t = &tier.raw;
-    let quota = t.action_quotas.get(&route.action);
+    let quota = tier.action_quotas().get(&route.action);
     let charge_id = uuid::Uuid::now_v7().simple().to_string();
+    if let Some(charge) =
+        from_slice(state, route, identity, tier, ask, request_id, &charge_id).await
+    {
+        return Ok(Debit::Charged(charge));
+    }
+    state.metrics.admissions.with_label_values(&["exact"]).inc();
     let request = DebitRequest {
         account_id: &identity.account_id,
         tier: &tier.name,
@@ -90,25 +98,32 @@ pub async fn debit(
         charge_id: &charge_id,
         route: &route.name,
         action: &route.action,
-        requests_per_hour: t.requests_per_hour.unwrap_or(0),
-        requests_per_month: t.requests_per_month.unwrap_or(0),
+        requests_per_hour: tier.requests_per_hour().unwrap_or(0),
+        requests_per_month: tier.requests_per_month().unwrap_or(0),
         action_per_hour: quota.and_then(|q| q.per_hour).unwrap_or(0),
         action_per_month: quota.and_then(|q| q.per_month).unwrap_or(0),
-        max_concurrent: t.max_concurrent.unwrap_or(0),
+        max_concurrent: tier.max_concurrent().unwrap_or(0),
         lease_ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
         deadline_ms: 0,
         hold_ttl_ms: ask.hold.map_or(0, |h| h.ttl_ms),
         wanted: ask.hold.and_then(|h| h.wanted),
-        tokens_per_month: t.tokens_per_month.unwrap_or(0),
-        counts: route
-            .counts
-            .as_ref()
-            .map(|(resource, delta)| (resource.as_str(), *delta, t.limits.get(resource).copied())),
+        tokens_per_month: tier.tokens_per_month().unwrap_or(0),
+        counts: route.counts.as_ref().map(|(resource, delta)| {
+            (
+                resource.as_str(),
+                *delta,
+                tier.limits().get(resource).copied(),
+            )
+        }),
         action_max_concurrent: quota.and_then(|q| q.max_concurrent).unwrap_or(0),
     };
     let mut request = request;
     let mut conn = state.redis.clone();
-    for attempt in 0..2 {
+    let mut attempt = 0;
+    // Set once other instances were asked to give their slices of the account back.
+    let mut recall_until: Option<Instant> = None;
+    loop {
+        attempt += 1;
         let started = Instant::now();
         request.deadline_ms = state.ledger.deadline_ms();
         let outcome = state.ledger.debit(&mut conn, &request).await;
@@ -156,7 +171,7 @@ pub async fn debit(
                     .with_label_values(&[&route.name, &tier.name])
                     .inc_by(taken.micros().max(0) as u64);
                 let remaining = request.monthly.map(|_| allowance + purchased);
-                let low = match (remaining, t.low_balance_credits) {
+                let low = match (remaining, tier.low_balance_credits()) {
                     (Some(r), Some(threshold)) => r < threshold,
                     _ => false,
                 };
@@ -168,15 +183,16 @@ pub async fn debit(
                     from_purchased,
                     remaining,
                     low,
-                    low_threshold: t.low_balance_credits,
+                    low_threshold: tier.low_balance_credits(),
                     lease: request.max_concurrent > 0 || request.action_max_concurrent > 0,
                     hold: ask.hold.is_some(),
                     action: route.action.clone(),
                     action_lease: request.action_max_concurrent > 0,
                     counted: route.counts.clone(),
+                    slice: false,
                 }));
             }
-            DebitOutcome::Missing if attempt == 0 => {
+            DebitOutcome::Missing if attempt == 1 => {
                 match state
                     .ledger
                     .hydrate(&mut conn, &state.pg, &snap.config, &identity.account_id)
@@ -208,7 +224,33 @@ pub async fn debit(
             DebitOutcome::Insufficient {
                 allowance,
                 purchased,
+                leased,
             } => {
+                // Other instances' slices hold money this request could use: ask for it back
+                // and wait (bounded) before refusing — no false 402.
+                if leased > Credits::ZERO && allowance + purchased >= cost {
+                    let until = *recall_until.get_or_insert_with(|| {
+                        Instant::now()
+                            + std::time::Duration::from_millis(state.leases.cfg.recall_wait_ms)
+                    });
+                    if attempt == 1 || Instant::now() < until {
+                        if attempt == 1 {
+                            state.leases.recall(&identity.account_id, true);
+                            let prefix = &snap.config.redis.key_prefix;
+                            if let Err(e) = crate::lease::recall::publish(
+                                &mut conn,
+                                prefix,
+                                &identity.account_id,
+                            )
+                            .await
+                            {
+                                tracing::warn!(error = %e, "cannot ask other instances for their credit slices");
+                            }
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
                 state
                     .metrics
                     .plan_rejections
@@ -271,7 +313,7 @@ pub async fn debit(
                     .with_label_values(&["limit_reached"])
                     .inc();
                 let required_tier = crate::proxy::gate::cheapest_tier(&snap.config, |other| {
-                    other.raw.limits.get(&resource).is_none_or(|l| *l > limit)
+                    other.limits().get(&resource).is_none_or(|l| *l > limit)
                 });
                 return rejected(GatewayError::LimitReached {
                     resource,
@@ -292,9 +334,82 @@ pub async fn debit(
             }
         }
     }
-    Err(DebitError::Unavailable(LedgerError::Reply(
-        "debit retries exhausted".into(),
-    )))
+}
+
+/// The slice path: a fixed-price request on an eligible plan is charged in process, with no
+/// Redis call (or one report when this instance has no slice of the account yet). `None`:
+/// take the exact path.
+async fn from_slice(
+    state: &AppState,
+    route: &RouteConfig,
+    identity: &Identity,
+    tier: &TierConfig,
+    ask: Ask,
+    request_id: &str,
+    charge_id: &str,
+) -> Option<Charge> {
+    let leases = &state.leases;
+    if !leases.cfg.enabled || ask.hold.is_some() || !crate::lease::eligible(tier, route) {
+        return None;
+    }
+    let lease_ask = crate::lease::Ask {
+        account_id: &identity.account_id,
+        tier,
+        cost: ask.cost.micros(),
+        route: &route.name,
+        action: &route.action,
+        charge_id,
+        request_id,
+    };
+    let served = match leases.serve(&lease_ask) {
+        crate::lease::Served::Acquire => {
+            let shard = leases.prepare(&identity.account_id, tier, ask.cost.micros());
+            let waiting = Some((identity.account_id.as_str(), ask.cost.micros()));
+            if let Err(e) =
+                crate::lease::report::report_shard_for(leases, state, shard, false, waiting).await
+            {
+                tracing::debug!(error = %e, "no credit slice; exact debit");
+                return None;
+            }
+            leases.serve(&lease_ask)
+        }
+        other => other,
+    };
+    let crate::lease::Served::Charged {
+        balance,
+        from_allowance,
+    } = served
+    else {
+        return None;
+    };
+    state.metrics.admissions.with_label_values(&["slice"]).inc();
+    state
+        .metrics
+        .credits_debited_micros
+        .with_label_values(&[&route.name, &tier.name])
+        .inc_by(ask.cost.micros().max(0) as u64);
+    let remaining = balance.map(Credits::from_micros);
+    let low = match (remaining, tier.low_balance_credits()) {
+        (Some(r), Some(threshold)) => r < threshold,
+        _ => false,
+    };
+    let from_allowance = Credits::from_micros(from_allowance);
+    Some(Charge {
+        account_id: identity.account_id.clone(),
+        charge_id: charge_id.to_string(),
+        cost: ask.cost,
+        from_allowance,
+        from_purchased: ask.cost - from_allowance,
+        remaining,
+        low,
+        low_threshold: tier.low_balance_credits(),
+        lease: false,
+        hold: false,
+        action: route.action.clone(),
+        action_lease: false,
+        counted: None,
+        slice: true,
+    })
 }
 
 /// Why no charge was made.

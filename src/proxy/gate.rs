@@ -2,70 +2,18 @@
 //! status, the tier's features (403 naming the cheapest tier that has the feature), the per-key
 //! burst rate (governor, per instance) and the body size (413).
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
-
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use pingora::proxy::Session;
+
+pub use crate::routing::limits::RateLimiters;
 
 use crate::auth::Identity;
 use crate::config::{Config, MonthlyCredits, RouteConfig, TierConfig};
 use crate::error::GatewayError;
 
-/// One keyed limiter per tier that sets `rate_per_second` (keys: API key id, or the account
-/// for JWT callers).
-pub struct RateLimiters {
-    by_tier: HashMap<String, DefaultKeyedRateLimiter<String>>,
-    clock: DefaultClock,
-}
-
-impl RateLimiters {
-    pub fn new(config: &Config) -> Self {
-        let by_tier = config
-            .tiers
-            .iter()
-            .filter_map(|(name, t)| {
-                let rate = NonZeroU32::new(t.raw.rate_per_second?)?;
-                Some((name.clone(), RateLimiter::keyed(Quota::per_second(rate))))
-            })
-            .collect();
-        RateLimiters {
-            by_tier,
-            clock: DefaultClock::default(),
-        }
-    }
-
-    fn check(&self, tier: &str, key: &str) -> Result<(), GatewayError> {
-        let Some(limiter) = self.by_tier.get(tier) else {
-            return Ok(());
-        };
-        match limiter.check_key(&key.to_string()) {
-            Ok(()) => Ok(()),
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                Err(GatewayError::RateLimited {
-                    retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
-                    limit: 0,
-                    window_secs: 1,
-                })
-            }
-        }
-    }
-
-    /// Forgets idle keys so the limiter's memory stays bounded.
-    pub fn shrink(&self) {
-        for limiter in self.by_tier.values() {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
-    }
-}
-
 /// The cheapest tier (by monthly list price, then monthly credits; tiers without a list price
 /// last) listing `feature`.
 pub fn cheapest_tier_with(config: &Config, feature: &str) -> Option<String> {
-    cheapest_tier(config, |t| t.raw.features.iter().any(|f| f == feature))
+    cheapest_tier(config, |t| t.has_feature(feature))
 }
 
 /// The cheapest tier passing `fits`, as an upgrade suggestion: by monthly list price (tiers
@@ -76,13 +24,13 @@ pub fn cheapest_tier(config: &Config, fits: impl Fn(&TierConfig) -> bool) -> Opt
         .values()
         .filter(|t| fits(t))
         .min_by_key(|t| {
-            let credits = match t.raw.monthly_credits {
+            let credits = match t.monthly_credits() {
                 MonthlyCredits::Limited(c) => c.micros(),
                 MonthlyCredits::Unlimited => i64::MAX,
             };
             (
-                t.raw.price_cents_monthly.is_none(),
-                t.raw.price_cents_monthly.unwrap_or(0),
+                t.price_cents_monthly().is_none(),
+                t.price_cents_monthly().unwrap_or(0),
                 credits,
                 t.name.clone(),
             )
@@ -108,7 +56,7 @@ pub fn check(
         });
     }
     if let Some(feature) = &route.feature {
-        if !tier.raw.features.iter().any(|f| f == feature) {
+        if !tier.has_feature(feature) {
             return Err(GatewayError::FeatureNotInTier {
                 feature: feature.clone(),
                 tier: tier.name.clone(),
@@ -124,12 +72,12 @@ pub fn check(
             ..
         } => GatewayError::RateLimited {
             retry_after_secs,
-            limit: u64::from(tier.raw.rate_per_second.unwrap_or(0)),
+            limit: u64::from(tier.rate_per_second().unwrap_or(0)),
             window_secs,
         },
         other => other,
     })?;
-    if let Some(limit_mb) = tier.raw.max_request_mb {
+    if let Some(limit_mb) = tier.max_request_mb() {
         if let Some(len) = content_length(session) {
             if len > limit_mb.saturating_mul(BYTES_PER_MB) {
                 return Err(GatewayError::PayloadTooLarge { limit_mb });
@@ -159,6 +107,23 @@ mod tests {
         crate::config::for_tests(&format!(
             "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\ncost = 1\n{tiers}\n"
         ))
+    }
+
+    #[test]
+    fn a_reload_keeps_the_limiter_of_a_tier_whose_rate_did_not_change() {
+        let tiers = "[tiers.a]\nmonthly_credits = 5\nrate_per_second = 1\n[tiers.b]\nmonthly_credits = 5\nrate_per_second = 1\n";
+        let old = RateLimiters::new(&config(tiers));
+        // Both tiers spend their one request of this second.
+        assert!(old.check("a", "k").is_ok() && old.check("b", "k").is_ok());
+        assert!(old.check("a", "k").is_err() && old.check("b", "k").is_err());
+        let reloaded = config(&tiers.replace(
+            "[tiers.b]\nmonthly_credits = 5\nrate_per_second = 1",
+            "[tiers.b]\nmonthly_credits = 5\nrate_per_second = 2",
+        ));
+        let new = RateLimiters::carried_over(Some(&old), &reloaded);
+        // `a` kept its rate and its limiter: still spent. `b` changed: a fresh limiter.
+        assert!(new.check("a", "k").is_err());
+        assert!(new.check("b", "k").is_ok());
     }
 
     #[test]

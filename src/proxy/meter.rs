@@ -10,21 +10,14 @@ use crate::error::GatewayError;
 use crate::pricing::{estimate_input_tokens, started_ticks, Measured, Rates};
 use crate::proxy::cut::WsFrames;
 use crate::proxy::hold::Hold;
-use crate::proxy::settle::Failure;
+use crate::proxy::phase::HoldPhase;
+use crate::proxy::refund_policy::Failure;
 
 /// The metering state of a request on a `pricing` route, through all its phases.
 #[derive(Debug, Default)]
 pub struct Metered {
-    /// The debit waits for the request body (token-priced routes: the price depends on it).
-    pub deferred: bool,
-    pub debited: bool,
-    /// The body was read whole in `request_filter` (small, with a Content-Length).
-    pub early: bool,
-    /// The buffered request body of a deferred route, and its bound.
-    pub body: Vec<u8>,
-    pub body_limit: u64,
-    /// The body as forwarded (rewritten or not), kept for a retried upstream attempt.
-    pub final_body: Option<bytes::Bytes>,
+    /// Where the hold is: waiting for the body that prices it, held, or settled.
+    pub phase: HoldPhase,
     pub rates: Option<Rates>,
     pub hold: Option<Arc<Hold>>,
     pub response: Option<UsageMeter>,
@@ -37,10 +30,17 @@ pub struct Metered {
     pub rejection: Option<GatewayError>,
     /// The refund policy applies (the whole hold goes back).
     pub refund: Option<Failure>,
-    pub settled: bool,
 }
 
 impl Metered {
+    /// What the request cost once settled (the access log and the trace report it).
+    pub fn final_cost(&self) -> Option<crate::money::Credits> {
+        match self.phase {
+            HoldPhase::Settled { cost } => Some(cost),
+            _ => None,
+        }
+    }
+
     /// The cost so far, from what the stream has shown: the input tokens reported (or
     /// estimated from the request's size), the output tokens reported or one per streamed
     /// event (OpenAI and Anthropic send about one token per event), the duration so far.

@@ -45,9 +45,9 @@ async fn usage(
         url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
             .into_owned()
             .collect();
-    match crate::admin::usage::account_usage(state, &identity.account_id, &q).await {
+    match crate::domain::usage::account_usage(state, &identity.account_id, &q).await {
         Ok(body) => Ok((200, body)),
-        Err(crate::admin::error::AdminError::BadRequest(message)) => {
+        Err(crate::domain::DomainError::Invalid(message)) => {
             Ok((400, json!({"error": "invalid_request", "message": message})))
         }
         Err(e) => {
@@ -62,7 +62,7 @@ async fn balance(
     snap: &Snapshot,
     identity: &Identity,
 ) -> Result<serde_json::Value, GatewayError> {
-    let account = crate::admin::accounts::live_state(state, &snap.config, &identity.account_id)
+    let account = crate::domain::accounts::live_state(state, &snap.config, &identity.account_id)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "balance lookup failed");
@@ -73,10 +73,10 @@ async fn balance(
     };
     let tier = snap.config.tier(&account.tier);
     let low = tier
-        .and_then(|t| t.raw.low_balance_credits)
+        .and_then(|t| t.low_balance_credits())
         .is_some_and(|threshold| account.total() < threshold);
     let unlimited =
-        tier.is_some_and(|t| t.raw.monthly_credits == crate::config::MonthlyCredits::Unlimited);
+        tier.is_some_and(|t| t.monthly_credits() == crate::config::MonthlyCredits::Unlimited);
     Ok(json!({
         "account_id": identity.account_id,
         "tier": account.tier,

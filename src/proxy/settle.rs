@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::config::{RefundOn, RouteConfig};
+use crate::config::RouteConfig;
 use crate::ledger::holds::{SettleOutcome, SettleRequest};
 use crate::ledger::{self, CreditOutcome, CreditRequest};
 use crate::money::Credits;
@@ -13,45 +13,12 @@ use crate::pricing::{started_ticks, Measured};
 use crate::proxy::debit::Charge;
 use crate::proxy::hold::Hold;
 use crate::proxy::meter::{Metered, Usage, UsageMeter};
+use crate::proxy::phase::HoldPhase;
+use crate::proxy::refund_policy::Failure;
 use crate::state::AppState;
 
 /// How long the refund's idempotency mark lives: far longer than any retry of the same request.
 const REFUND_MARK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Why a request failed, as far as the refund policy cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    ConnectError,
-    Timeout,
-    Upstream5xx,
-    /// tollgate itself refused the request after charging (a chunked body over the tier's
-    /// limit): always refunded, whatever the route's policy.
-    Refused,
-}
-
-impl Failure {
-    fn policy(self) -> Option<RefundOn> {
-        match self {
-            Failure::ConnectError => Some(RefundOn::ConnectError),
-            Failure::Timeout => Some(RefundOn::Timeout),
-            Failure::Upstream5xx => Some(RefundOn::Status5xx),
-            Failure::Refused => None,
-        }
-    }
-
-    pub fn reason(self) -> &'static str {
-        match self {
-            Failure::ConnectError => "connect_error",
-            Failure::Timeout => "timeout",
-            Failure::Upstream5xx => "upstream_5xx",
-            Failure::Refused => "refused_by_tollgate",
-        }
-    }
-}
-
-pub fn should_refund(route: &RouteConfig, failure: Option<Failure>) -> bool {
-    failure.is_some_and(|f| f.policy().is_none_or(|p| route.refunds(p)))
-}
 
 /// Returns the whole charge to the buckets it came from. `true` when the refund is recorded.
 pub async fn refund(
@@ -65,6 +32,15 @@ pub async fn refund(
         && charge.from_purchased == crate::money::Credits::ZERO
         && charge.cost == crate::money::Credits::ZERO
     {
+        return true;
+    }
+    if charge.slice {
+        // Given back in the slice's next report, exactly as the report took it.
+        state.leases.refund(
+            &charge.account_id,
+            &charge.charge_id,
+            (charge.cost.micros(), &route.name, &route.action, request_id),
+        );
         return true;
     }
     // Keyed by the charge, not the request id: a client may send the same X-Request-Id again
@@ -121,6 +97,9 @@ pub async fn uncount(state: &AppState, charge: &Charge, request_id: &str) {
 }
 
 pub async fn release(state: &AppState, charge: &Charge, request_id: &str) {
+    if charge.slice {
+        state.leases.finish(&charge.account_id, &charge.charge_id);
+    }
     if !charge.lease {
         return;
     }
@@ -215,17 +194,20 @@ pub async fn finish_hold(
     status: Option<u16>,
     request_id: &str,
 ) {
-    if m.settled {
+    if matches!(m.phase, HoldPhase::Settled { .. }) {
         return;
     }
     let Some(hold) = m.hold.clone() else {
         return;
     };
-    m.settled = true;
     hold.stop();
     // One reading of the clock for the price and the journal's `duration_ms`.
     let elapsed_ms = hold.started.elapsed().as_millis() as u64;
     let (cost, reason, usage) = true_cost(m, &hold, body_bytes, status, elapsed_ms);
+    // Settled from here on: no second settle, whatever happens below.
+    m.phase = HoldPhase::Settled {
+        cost: cost.unwrap_or_else(|| hold.held()),
+    };
     let request = SettleRequest {
         account_id: &hold.account_id,
         charge_id: &hold.charge_id,
@@ -282,50 +264,6 @@ mod tests {
     use super::*;
     use crate::pricing::Rates;
     use std::sync::Arc;
-
-    const ROUTES: &str = r#"
-[[routes]]
-name = "default"
-path_prefix = "/d"
-upstream = "u"
-cost = 1
-[[routes]]
-name = "all"
-path_prefix = "/a"
-upstream = "u"
-cost = 1
-refund_on = ["connect_error", "5xx", "timeout"]
-[[routes]]
-name = "none"
-path_prefix = "/n"
-upstream = "u"
-cost = 1
-refund_on = []
-"#;
-
-    fn route(name: &str) -> Arc<RouteConfig> {
-        let c = crate::config::for_tests(ROUTES);
-        c.routes.into_iter().find(|r| r.name == name).unwrap()
-    }
-
-    #[test]
-    fn refunds_follow_the_routes_policy() {
-        use Failure::*;
-        let (default, all, none) = (route("default"), route("all"), route("none"));
-        // README: `refund_on` defaults to connect errors and 5xx.
-        assert!(should_refund(&default, Some(ConnectError)));
-        assert!(should_refund(&default, Some(Upstream5xx)));
-        assert!(!should_refund(&default, Some(Timeout)));
-        assert!(should_refund(&all, Some(Timeout)));
-        assert!(!should_refund(&none, Some(ConnectError)));
-        assert!(!should_refund(&none, Some(Upstream5xx)));
-        // tollgate's own refusal after charging is refunded whatever the policy says.
-        assert!(should_refund(&none, Some(Refused)));
-        // A request that did not fail is never refunded.
-        assert!(!should_refund(&all, None));
-        assert_eq!(Upstream5xx.reason(), "upstream_5xx");
-        assert_eq!(Refused.reason(), "refused_by_tollgate");
-    }
 
     fn micros(n: i64) -> Credits {
         Credits::from_micros(n)

@@ -58,6 +58,7 @@ pub async fn peer(resolver: &Resolver, up: &UpstreamConfig) -> pingora::Result<B
     peer.options.idle_timeout = Some(Duration::from_secs(60));
     peer.options.verify_cert = up.tls_verify;
     peer.options.verify_hostname = up.tls_verify;
+    peer.options.ca = up.ca.clone();
     Ok(Box::new(peer))
 }
 

@@ -14,36 +14,18 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, ServerErrorKind, Value};
 
-use super::slot::{self, Target, SLOTS};
+use super::slot::{self, Target};
 use super::{manager_config, reply_int as int, reply_text as text, NodeUrl};
+
+mod topology;
+
+use topology::{parse_slots, Topology};
 
 /// MOVED/ASK redirects followed for one command before giving up (a slot moves once per
 /// reshard step; more means the slot map is flapping).
 const MAX_REDIRECTS: usize = 5;
 /// Refreshes of the slot map are at least this far apart.
 const REFRESH_GAP: Duration = Duration::from_millis(200);
-const NO_OWNER: u16 = u16::MAX;
-
-/// Who serves which slot.
-struct Topology {
-    /// Slot → index into `primaries` (`NO_OWNER` when no node serves it).
-    owner: Box<[u16]>,
-    primaries: Vec<String>,
-}
-
-impl Topology {
-    fn empty() -> Self {
-        Topology {
-            owner: vec![NO_OWNER; SLOTS].into_boxed_slice(),
-            primaries: Vec::new(),
-        }
-    }
-
-    fn owner_of(&self, slot: u16) -> Option<&str> {
-        let i = *self.owner.get(usize::from(slot))?;
-        self.primaries.get(usize::from(i)).map(String::as_str)
-    }
-}
 
 pub struct ClusterRouter {
     seeds: Vec<String>,
@@ -444,109 +426,5 @@ impl ClusterRouter {
     }
 }
 
-/// Parses `CLUSTER SLOTS`: `[[start, end, [ip, port, id, …], replicas…], …]`. An empty ip
-/// means the node that answered.
-fn parse_slots(v: &Value, asked: &str) -> RedisResult<Topology> {
-    let bad = |what: &str| {
-        RedisError::from((
-            ErrorKind::UnexpectedReturnType,
-            "unexpected CLUSTER SLOTS reply",
-            what.to_string(),
-        ))
-    };
-    let Value::Array(ranges) = v else {
-        return Err(bad("not an array"));
-    };
-    let asked_host = asked.rsplit_once(':').map_or(asked, |(h, _)| h);
-    let mut topology = Topology::empty();
-    for range in ranges {
-        let Value::Array(parts) = range else {
-            return Err(bad("range"));
-        };
-        let (Some(start), Some(end), Some(Value::Array(node))) =
-            (parts.first(), parts.get(1), parts.get(2))
-        else {
-            return Err(bad("range fields"));
-        };
-        let (Some(start), Some(end)) = (int(start), int(end)) else {
-            return Err(bad("slot numbers"));
-        };
-        let host = node.first().and_then(text).unwrap_or_default();
-        let host = if host.is_empty() || host == "?" {
-            asked_host.to_string()
-        } else {
-            host
-        };
-        let port = node.get(1).and_then(int).ok_or_else(|| bad("port"))?;
-        let addr = format!("{host}:{port}");
-        let index = match topology.primaries.iter().position(|p| *p == addr) {
-            Some(i) => i,
-            None => {
-                topology.primaries.push(addr);
-                topology.primaries.len() - 1
-            }
-        };
-        let index = u16::try_from(index).map_err(|_| bad("too many nodes"))?;
-        let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
-            return Err(bad("slot range"));
-        };
-        for slot in start..=end.min(SLOTS - 1) {
-            if let Some(o) = topology.owner.get_mut(slot) {
-                *o = index;
-            }
-        }
-    }
-    if topology.primaries.is_empty() {
-        return Err(bad("no slots assigned"));
-    }
-    Ok(topology)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn slot_map_from_cluster_slots() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(5460),
-                Value::Array(vec![bulk("127.0.0.1"), Value::Int(7001), bulk("id1")]),
-            ]),
-            Value::Array(vec![
-                Value::Int(5461),
-                Value::Int(16383),
-                Value::Array(vec![bulk(""), Value::Int(7002), bulk("id2")]),
-                Value::Array(vec![bulk("127.0.0.1"), Value::Int(7003), bulk("id3")]),
-            ]),
-        ]);
-        let t = parse_slots(&reply, "10.1.1.1:7002").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(t.owner_of(0), Some("127.0.0.1:7001"));
-        assert_eq!(t.owner_of(5460), Some("127.0.0.1:7001"));
-        assert_eq!(t.owner_of(5461), Some("10.1.1.1:7002"));
-        assert_eq!(t.owner_of(16383), Some("10.1.1.1:7002"));
-        assert_eq!(t.primaries.len(), 2);
-    }
-
-    #[test]
-    fn redirects_are_recognised() {
-        assert!(matches!(
-            server_redirect(Some(ServerErrorKind::Moved), Some("3999 127.0.0.1:6381")),
-            Some(Redirect::Moved { slot: 3999, ref addr }) if addr == "127.0.0.1:6381"
-        ));
-        assert!(matches!(
-            server_redirect(Some(ServerErrorKind::Ask), Some("3999 127.0.0.1:6382")),
-            Some(Redirect::Ask { ref addr }) if addr == "127.0.0.1:6382"
-        ));
-        assert!(matches!(
-            server_redirect(Some(ServerErrorKind::TryAgain), None),
-            Some(Redirect::Wait)
-        ));
-        assert!(server_redirect(Some(ServerErrorKind::NoScript), None).is_none());
-    }
-}
+mod tests;

@@ -78,3 +78,36 @@ pub fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
 }
+
+/// Accounts for the console's list: id containing `search` (case-insensitive), optionally of
+/// one tier and status, newest first, at most `limit`.
+pub async fn search(
+    pool: &PgPool,
+    search: &str,
+    tier: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<AccountRow>, sqlx::Error> {
+    let pattern = format!(
+        "%{}%",
+        search
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    sqlx::query_as(
+        "SELECT id, tier, status, period_start, period_end, anchor_day, created_at
+           FROM accounts
+          WHERE id ILIKE $1
+            AND ($2::TEXT IS NULL OR tier = $2)
+            AND ($3::TEXT IS NULL OR status = $3)
+          ORDER BY created_at DESC, id
+          LIMIT $4",
+    )
+    .bind(pattern)
+    .bind(tier)
+    .bind(status)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

@@ -108,3 +108,27 @@ pub async fn find_by_id(
     .fetch_optional(pool)
     .await
 }
+
+/// One API key as its account's key list shows it (never the hash).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyListing {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// An account's keys, newest first (the portal's and console's key lists).
+pub async fn list_for_account(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<Vec<KeyListing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, prefix, created_at, revoked_at FROM api_keys
+          WHERE account_id = $1 ORDER BY created_at DESC, id LIMIT 500",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await
+}

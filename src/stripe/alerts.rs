@@ -83,7 +83,7 @@ fn detect(config: &Config, entries: &[JournalEntry]) -> Vec<Alert> {
             continue;
         };
         let monthly = super::catalog::monthly(tier);
-        for kind in crossings(e, monthly, tier.raw.low_balance_credits) {
+        for kind in crossings(e, monthly, tier.low_balance_credits()) {
             let allowance = Credits::from_micros(e.allowance_after);
             let purchased = Credits::from_micros(e.purchased_after);
             alerts.push(Alert {
@@ -103,7 +103,7 @@ fn detect(config: &Config, entries: &[JournalEntry]) -> Vec<Alert> {
                         "total": allowance + purchased,
                     },
                     "monthly_credits": monthly,
-                    "low_balance_credits": tier.raw.low_balance_credits,
+                    "low_balance_credits": tier.low_balance_credits(),
                 }),
             });
         }

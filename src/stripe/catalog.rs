@@ -41,24 +41,23 @@ pub struct TierPrice {
 }
 
 pub fn tier_price(tier: &TierConfig, interval: Interval) -> TierPrice {
-    let t = &tier.raw;
     let (stripe_price_id, amount_cents) = match interval {
-        Interval::Month => (t.stripe_price_id_monthly.clone(), t.price_cents_monthly),
-        Interval::Year => (t.stripe_price_id_yearly.clone(), t.price_cents_yearly),
+        Interval::Month => (tier.stripe_price_id_monthly(), tier.price_cents_monthly()),
+        Interval::Year => (tier.stripe_price_id_yearly(), tier.price_cents_yearly()),
     };
     TierPrice {
-        stripe_price_id,
+        stripe_price_id: stripe_price_id.map(str::to_string),
         amount_cents,
-        currency: t.currency.clone(),
+        currency: tier.currency().to_string(),
     }
 }
 
 /// The tier and interval a Stripe price id sells (config validation keeps it unique).
 pub fn tier_for_price<'a>(config: &'a Config, price_id: &str) -> Option<(&'a str, Interval)> {
     config.tiers.values().find_map(|t| {
-        if t.raw.stripe_price_id_monthly.as_deref() == Some(price_id) {
+        if t.stripe_price_id_monthly() == Some(price_id) {
             Some((t.name.as_str(), Interval::Month))
-        } else if t.raw.stripe_price_id_yearly.as_deref() == Some(price_id) {
+        } else if t.stripe_price_id_yearly() == Some(price_id) {
             Some((t.name.as_str(), Interval::Year))
         } else {
             None
@@ -77,7 +76,7 @@ pub fn pack_total(pack: &CreditPack) -> Credits {
 
 /// The tier's monthly credits; `None` = unlimited.
 pub fn monthly(tier: &TierConfig) -> Option<Credits> {
-    match tier.raw.monthly_credits {
+    match tier.monthly_credits() {
         MonthlyCredits::Limited(c) => Some(c),
         MonthlyCredits::Unlimited => None,
     }
@@ -107,8 +106,8 @@ pub fn catalog_json(config: &Config) -> Value {
                     Some(c) => json!(c),
                     None => json!("unlimited"),
                 },
-                "features": t.raw.features,
-                "low_balance_credits": t.raw.low_balance_credits,
+                "features": t.features(),
+                "low_balance_credits": t.low_balance_credits(),
                 "prices": {"month": price(Interval::Month), "year": price(Interval::Year)},
                 "default": config.stripe.as_ref().is_some_and(|s| s.default_tier == t.name),
             })

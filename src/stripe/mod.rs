@@ -1,6 +1,7 @@
 //! Selling credits with Stripe: the catalogue (`catalog`), calls to the Stripe API
-//! (`client`: customers, Checkout Sessions, subscription changes), incoming webhooks
-//! (`webhook`: signature and lenient parsing; `events`: what each event does, exactly once),
+//! (`client`: customers, Checkout Sessions, subscription changes; `error`: how a call fails),
+//! incoming webhooks (`webhook`: signature and lenient parsing; `events`: what each event does,
+//! exactly once, one file per event family; the endpoint itself is `admin::stripe_webhook`),
 //! and outgoing alerts (`alerts`: low balance, 80 % / 100 % of the allowance).
 //!
 //! The money rule everywhere: an event is recorded in `stripe_events` in the same Postgres
@@ -11,5 +12,6 @@
 pub mod alerts;
 pub mod catalog;
 pub mod client;
+pub mod error;
 pub mod events;
 pub mod webhook;

@@ -116,9 +116,9 @@ const TARGET_LABELS: &[&str] = &[
 /// Reads the metric names, kinds and label names out of the source text.
 fn registered_metrics() -> BTreeMap<String, Metric> {
     // src/metrics.rs, plus the journal maintenance's own counters (registered on the same
-    // registry by src/journal/partitions.rs).
-    let src =
-        read(&root().join("src/metrics.rs")) + &read(&root().join("src/journal/partitions.rs"));
+    // registry by src/journal/partitions/task.rs).
+    let src = read(&root().join("src/metrics.rs"))
+        + &read(&root().join("src/journal/partitions/task.rs"));
     let starts: Vec<usize> = src.match_indices("\"tollgate_").map(|(i, _)| i).collect();
     assert!(
         starts.len() >= 15,
@@ -136,6 +136,7 @@ fn registered_metrics() -> BTreeMap<String, Metric> {
             "HistogramOpts::new(",
             "IntCounter::new(",
             "IntGauge::new(",
+            "IntGaugeVec::new(",
         ]
         .iter()
         .filter_map(|k| before.rfind(k).map(|at| (at, *k)))
@@ -545,6 +546,7 @@ fn dummy_env() -> Vec<(String, String)> {
                 "TOLLGATE_DATABASE_URL" => "postgres://tollgate:x@postgres:5432/tollgate".into(),
                 "TOLLGATE_REDIS_URL" => "redis://:x@redis:6379/0".into(),
                 "TOLLGATE_UPSTREAM_URL" => "http://demo-upstream:7001".into(),
+                "TOLLGATE_UPSTREAM_URL_2" => "http://demo-upstream-2:7001".into(),
                 _ => "dummy-secret-0123456789".into(),
             };
             (var, value)
@@ -560,6 +562,7 @@ async fn the_deploy_config_passes_check_config() {
         "TOLLGATE_DATABASE_URL",
         "TOLLGATE_REDIS_URL",
         "TOLLGATE_UPSTREAM_URL",
+        "TOLLGATE_UPSTREAM_URL_2",
         "UPSTREAM_API_KEY",
     ] {
         assert!(
@@ -636,8 +639,18 @@ fn the_kubernetes_manifests_fit_together() {
         pod_labels
     ));
     let containers = seq(pod, &["spec", "containers"]);
-    assert_eq!(containers.len(), 1);
-    let c = &containers[0];
+    assert_eq!(
+        containers.len(),
+        2,
+        "tollgate and its config-reloader sidecar"
+    );
+    let container = |name: &str| {
+        containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no container {name}"))
+    };
+    let c = container("tollgate");
     let port = |name: &str| {
         seq(c, &["ports"])
             .iter()
@@ -682,6 +695,48 @@ fn the_kubernetes_manifests_fit_together() {
         checksum,
         "the Deployment's checksum/config is stale: run deploy/sync-k8s.sh"
     );
+    // The reloader watches the same mounted file (a directory mount: a subPath mount is never
+    // updated) and calls the reload endpoint on the admin port with the admin token.
+    let reloader = container("config-reloader");
+    let reloader_mount = seq(reloader, &["volumeMounts"])
+        .iter()
+        .find(|m| m["name"].as_str() == Some("config"))
+        .expect("the reloader mounts the config");
+    assert_eq!(text(reloader_mount, &["mountPath"]), "/etc/tollgate");
+    assert!(reloader_mount.get("subPath").is_none() && mount.get("subPath").is_none());
+    let script = text(reloader, &["args", "0"]);
+    assert!(script.contains("/etc/tollgate/tollgate.toml"), "{script}");
+    // The listener's certificate: an optional Secret, mounted in both containers, and the
+    // reloader's checksum covers it (a renewal is reloaded like a config change).
+    for c in [c, reloader] {
+        let tls = seq(c, &["volumeMounts"])
+            .iter()
+            .find(|m| m["name"].as_str() == Some("tls"))
+            .expect("the TLS Secret is mounted");
+        assert_eq!(text(tls, &["mountPath"]), "/etc/tollgate-tls");
+    }
+    let tls = seq(pod, &["spec", "volumes"])
+        .iter()
+        .find(|v| v["name"].as_str() == Some("tls"))
+        .expect("a tls volume");
+    assert_eq!(text(tls, &["secret", "secretName"]), "tollgate-tls");
+    assert_eq!(tls["secret"]["optional"].as_bool(), Some(true));
+    assert!(script.contains("/etc/tollgate-tls/tls.crt"), "{script}");
+    assert!(
+        script.contains(&format!(
+            "http://127.0.0.1:{}/v1/config/reload",
+            listen_port(&cfg, "admin_listen")
+        )),
+        "{script}"
+    );
+    assert!(admin_src.contains(".route(\"/v1/config/reload\", post("));
+    assert_eq!(
+        text(reloader, &["env", "0", "valueFrom", "secretKeyRef", "key"]),
+        "TOLLGATE_ADMIN_TOKEN"
+    );
+    let rsc = get(reloader, &["securityContext"]);
+    assert_eq!(get(rsc, &["readOnlyRootFilesystem"]), &Yaml::Bool(true));
+    assert_eq!(get(rsc, &["allowPrivilegeEscalation"]), &Yaml::Bool(false));
     // Secrets: every variable the config reads comes from the Secret.
     let secret_ref = text(c, &["envFrom", "0", "secretRef", "name"]);
     let secret = yaml(&deploy("k8s/secret.example.yaml"));

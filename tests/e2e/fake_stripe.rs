@@ -1,5 +1,8 @@
 //! A fake Stripe API (axum, in process, on 127.0.0.1:0) for the endpoints tollgate calls:
-//! `POST /v1/customers`, `POST /v1/checkout/sessions`, `GET|POST|DELETE /v1/subscriptions/{id}`.
+//! `POST /v1/customers`, `POST /v1/checkout/sessions`, `GET|POST|DELETE /v1/subscriptions/{id}`,
+//! `POST /v1/billing_portal/sessions` (whose `url` is a small page the fake serves itself, at
+//! `GET /billing_portal/p/{id}`), `POST /v1/invoices/create_preview` (a subscription moved to
+//! another price, prorated by [`proration`] at the requested `proration_date`).
 //! Answers are Stripe's own object shapes from `tests/fixtures/stripe/` with ids, metadata and
 //! prices filled in from the request, so async-stripe parses them exactly as it parses Stripe.
 //!
@@ -161,6 +164,15 @@ impl FakeStripe {
             .insert(id.to_string(), s);
     }
 
+    /// Sets the subscription item's current period (the fixture's is not a real one), which a
+    /// preview prorates over.
+    pub fn set_period(&self, id: &str, start: i64, end: i64) {
+        let mut subs = self.shared.subscriptions.lock().unwrap();
+        let sub = subs.get_mut(id).expect("a subscription added first");
+        sub["items"]["data"][0]["current_period_start"] = json!(start);
+        sub["items"]["data"][0]["current_period_end"] = json!(end);
+    }
+
     /// The fake's current view of a subscription.
     pub fn subscription(&self, id: &str) -> Option<Value> {
         self.shared.subscriptions.lock().unwrap().get(id).cloned()
@@ -211,6 +223,12 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             return (status, Json(body)).into_response();
         }
     }
+    if parts.method == Method::GET && path.starts_with("/billing_portal/p/") {
+        return axum::response::Html(
+            "<!doctype html><title>Billing portal</title><h1 id=\"fake-billing-portal\">Fake Stripe billing portal</h1>",
+        )
+        .into_response();
+    }
     if parts.headers.get(http::header::AUTHORIZATION).is_none() {
         let (s, b) = stripe_error(401, "invalid_request_error", None, "No API key provided.");
         return (s, Json(b)).into_response();
@@ -253,6 +271,25 @@ fn answer(shared: &Shared, r: &Recorded) -> (StatusCode, Value) {
     let n = shared.seq.fetch_add(1, Ordering::SeqCst) + 1;
     let segments: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
     match (r.method.as_str(), segments.as_slice()) {
+        ("POST", ["v1", "billing_portal", "sessions"]) => {
+            let host = r
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("127.0.0.1");
+            let id = format!("bps_fake{n}");
+            (
+                StatusCode::OK,
+                json!({
+                    "id": id, "object": "billing_portal.session",
+                    "configuration": "bpc_fake", "created": 1_700_000_000,
+                    "customer": r.field("customer"), "customer_account": null,
+                    "flow": null, "livemode": false, "locale": null, "on_behalf_of": null,
+                    "return_url": r.field("return_url"),
+                    "url": format!("http://{host}/billing_portal/p/{id}"),
+                }),
+            )
+        }
         ("POST", ["v1", "customers"]) => {
             let mut c = fixture("customer");
             c["id"] = json!(format!("cus_fake{n}"));
@@ -276,6 +313,7 @@ fn answer(shared: &Shared, r: &Recorded) -> (StatusCode, Value) {
             s["cancel_url"] = json!(r.field("cancel_url"));
             (StatusCode::OK, s)
         }
+        ("POST", ["v1", "invoices", "create_preview"]) => preview(shared, r, n),
         (method, ["v1", "subscriptions", id]) => {
             let mut subs = shared.subscriptions.lock().unwrap();
             let Some(sub) = subs.get_mut(*id) else {
@@ -315,4 +353,167 @@ fn answer(shared: &Shared, r: &Recorded) -> (StatusCode, Value) {
             &format!("Unrecognized request URL ({} {}).", r.method, r.path),
         ),
     }
+}
+
+/// What the fake's prices cost a period, in cents (the e2e Stripe config's tier prices).
+pub fn unit_amount(price_id: &str) -> i64 {
+    match price_id {
+        "price_pro_month" => 4900,
+        "price_pro_year" => 49000,
+        "price_team_month" => 19900,
+        _ => 1000,
+    }
+}
+
+/// The fake's proration of a move from `old` to `new` cents a period at `at` within
+/// `[start, end)`: the unused time on the old price credited, the rest on the new one charged
+/// (each rounded toward zero, like two separate Stripe lines).
+pub fn proration(old: i64, new: i64, start: i64, end: i64, at: i64) -> (i64, i64) {
+    let left = end - at;
+    let period = end - start;
+    (-(old * left / period), new * left / period)
+}
+
+/// `POST /v1/invoices/create_preview` for `subscription` with `subscription_details[items][0]`
+/// moved to another price: Stripe's invoice shape (the fixture) with two proration lines and
+/// the next period's line.
+fn preview(shared: &Shared, r: &Recorded, n: usize) -> (StatusCode, Value) {
+    let Some(sub_id) = r.field("subscription") else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            Some("parameter_missing"),
+            "Missing required param: subscription.",
+        );
+    };
+    let Some(sub) = shared.subscriptions.lock().unwrap().get(sub_id).cloned() else {
+        return stripe_error(
+            404,
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No such subscription: '{sub_id}'"),
+        );
+    };
+    let item = &sub["items"]["data"][0];
+    if r.field("subscription_details[items][0][id]") != item["id"].as_str() {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            None,
+            "subscription_details[items][0][id] is not an item of this subscription.",
+        );
+    }
+    let Some(new_price) = r.field("subscription_details[items][0][price]") else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            None,
+            "Missing subscription_details[items][0][price].",
+        );
+    };
+    let old_price = item["price"]["id"].as_str().unwrap_or_default();
+    let start = item["current_period_start"].as_i64().unwrap_or_default();
+    let end = item["current_period_end"].as_i64().unwrap_or_default();
+    let at: i64 = match r
+        .field("subscription_details[proration_date]")
+        .map(str::parse)
+    {
+        Some(Ok(at)) if at >= start && at < end => at,
+        _ => {
+            return stripe_error(
+                400,
+                "invalid_request_error",
+                None,
+                "subscription_details[proration_date] must be within the current period.",
+            )
+        }
+    };
+    let (credit, charge) = proration(
+        unit_amount(old_price),
+        unit_amount(new_price),
+        start,
+        end,
+        at,
+    );
+    let next = unit_amount(new_price);
+    let line = |i: usize,
+                amount: i64,
+                description: String,
+                proration: bool,
+                price: &str,
+                from: i64,
+                to: i64| {
+        json!({
+            "amount": amount, "currency": "usd", "description": description,
+            "discount_amounts": [], "discountable": !proration, "discounts": [],
+            "id": format!("il_tmp_fake{n}_{i}"), "invoice": null, "livemode": false,
+            "metadata": {}, "object": "line_item",
+            "period": {"start": from, "end": to},
+            "quantity": 1, "subscription": sub_id, "pretax_credit_amounts": [], "taxes": [],
+            "parent": {
+                "invoice_item_details": null,
+                "subscription_item_details": {
+                    "invoice_item": null, "proration": proration, "proration_details": {"credited_items": null},
+                    "subscription": sub_id, "subscription_item": item["id"],
+                },
+                "type": "subscription_item_details",
+            },
+            "pricing": {"type": "price_details", "price_details": {"price": price, "product": "prod_fake"}, "unit_amount_decimal": null},
+            "subtotal": amount, "quantity_decimal": "1",
+        })
+    };
+    let lines = vec![
+        line(
+            0,
+            credit,
+            format!("Unused time on {old_price} after proration date"),
+            true,
+            old_price,
+            at,
+            end,
+        ),
+        line(
+            1,
+            charge,
+            format!("Remaining time on {new_price} after proration date"),
+            true,
+            new_price,
+            at,
+            end,
+        ),
+        line(
+            2,
+            next,
+            format!("1 × {new_price}"),
+            false,
+            new_price,
+            end,
+            end + (end - start),
+        ),
+    ];
+    let total = credit + charge + next;
+    let mut inv = fixture("invoice");
+    inv["id"] = json!(format!("upcoming_in_fake{n}"));
+    inv["object"] = json!("invoice");
+    inv["customer"] = json!(r.field("customer"));
+    inv["currency"] = json!("usd");
+    inv["billing_reason"] = json!("upcoming");
+    inv["status"] = json!("draft");
+    inv["lines"]["data"] = json!(lines);
+    inv["lines"]["url"] = json!("/v1/invoices/upcoming/lines");
+    inv["subtotal"] = json!(total);
+    inv["subtotal_excluding_tax"] = json!(total);
+    inv["total"] = json!(total);
+    inv["total_excluding_tax"] = json!(total);
+    inv["amount_due"] = json!(total.max(0));
+    inv["amount_remaining"] = json!(total.max(0));
+    inv["amount_paid"] = json!(0);
+    inv["parent"] = json!({
+        "quote_details": null,
+        "subscription_details": {"metadata": sub["metadata"], "subscription": sub_id, "subscription_proration_date": at},
+        "type": "subscription_details",
+    });
+    inv["period_start"] = json!(start);
+    inv["period_end"] = json!(end);
+    (StatusCode::OK, inv)
 }

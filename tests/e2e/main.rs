@@ -3,8 +3,10 @@
 //! in parallel and leave nothing behind. See `harness.rs` for the environment variables.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod browser;
 mod cluster_util;
 mod harness;
+mod leases;
 mod ledger_util;
 mod upstream;
 mod ws_client;
@@ -15,7 +17,9 @@ mod ai_sessions;
 mod auth;
 mod check_config;
 mod deploy_files;
+mod jwks;
 mod jwt;
+mod layout;
 mod ledger_admin;
 mod ledger_buckets;
 mod ledger_exactness;
@@ -32,12 +36,15 @@ mod plan_limits;
 mod proxy_errors;
 mod proxy_passthrough;
 mod recipes;
+mod reload;
 mod revocation;
 mod sse;
+mod telemetry;
 
 mod journal_audit;
 mod journal_crash;
 mod journal_dedup;
+mod journal_packed;
 mod journal_partitions;
 mod journal_pg_outage;
 mod journal_redis_loss;
@@ -59,8 +66,12 @@ mod stripe_webhooks;
 
 mod cluster;
 
+mod console;
+mod lb;
 mod loadtest;
 mod openapi;
 mod pg_outage_keys;
+mod portal;
+mod tls_listener;
 mod tls_upstream;
 mod walkthrough;

@@ -202,6 +202,11 @@ const TWO_ROUTES: &str = r#"
 name = "up"
 url = "UPSTREAM"
 
+# A load-balanced upstream: its per-backend series exist from the start.
+[[upstreams]]
+name = "pool"
+urls = ["UPSTREAM"]
+
 [[routes]]
 name = "chat"
 path_prefix = "/v1/chat"

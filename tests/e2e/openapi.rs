@@ -1,7 +1,10 @@
-//! `docs/openapi.yaml` against the code: the document is OpenAPI 3.x with resolvable `$ref`s,
-//! documents every route of the admin router and every admin error code, and every path and
-//! method it documents is routed by a running tollgate (answered by a handler, not by the
-//! router's fallback) with a status the document lists.
+//! `docs/openapi.yaml` against the code. The document is generated (`tollgate openapi`, from
+//! the handlers' `#[utoipa::path]` annotations) and the committed copy must be that output; it
+//! is OpenAPI 3.x with resolvable `$ref`s, documents every route of the admin router (the
+//! annotations name their paths by hand, so the router is read to catch a route left out) and
+//! every admin error code, and every path and method it documents is routed by a running
+//! tollgate (answered by a handler, not by the router's fallback) with a status the document
+//! lists.
 
 use std::collections::BTreeSet;
 
@@ -103,6 +106,25 @@ fn router_routes() -> Vec<(String, BTreeSet<String>)> {
         routes.push((path, methods));
     }
     routes
+}
+
+/// The binary prints the committed document (the lib test checks the same in process).
+#[test]
+fn cli_prints_the_committed_document() {
+    let out = std::process::Command::new(crate::harness::BIN)
+        .arg("openapi")
+        .output()
+        .expect("run tollgate openapi");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = std::fs::read_to_string(SPEC).unwrap_or_else(|e| panic!("reading {SPEC}: {e}"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "docs/openapi.yaml is stale: run `cargo run -- openapi > docs/openapi.yaml`"
+    );
 }
 
 #[test]

@@ -160,6 +160,14 @@ async fn revenue_figures_come_from_the_recorded_events() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["active_subscribers"], json!(2), "{body}");
+    // The chart's series: 12 monthly points ending at `to`; the rows were created just now,
+    // so only the last point (`to`) sees them, the canceled one excluded.
+    let series = body["subscribers_over_time"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no subscribers_over_time in {body}"));
+    assert_eq!(series.len(), 12, "{body}");
+    assert_eq!(series[11]["subscribers"], json!(2), "{body}");
+    assert_eq!(series[0]["subscribers"], json!(0), "{body}");
     let usd = body["currencies"]
         .as_array()
         .unwrap()

@@ -682,3 +682,131 @@ async fn admin_subscription_calls_go_through_stripe() {
     );
     assert_eq!(state(&w.app, &acct).await.2, "team");
 }
+
+#[tokio::test]
+async fn admin_subscription_preview_shows_stripes_proration_and_the_change_reuses_its_date() {
+    let w = world().await;
+    let acct = account(&w.app, "free").await;
+    let preview_path = |tier: &str| format!("/v1/accounts/{acct}/subscription/preview?tier={tier}");
+
+    // No subscription yet: the same 404 as the neighbouring subscription calls.
+    let (status, body) = w.app.admin_get(&preview_path("team")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "not_found");
+    let (status, body) = w
+        .app
+        .admin_get("/v1/accounts/acct_nobody/subscription/preview?tier=team")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let sub = subscribe(&w, &acct, now()).await;
+    w.stripe.add_subscription(&sub, "price_pro_month", &acct);
+    let (start, end) = (now() - 10 * 86_400, now() + 20 * 86_400);
+    w.stripe.set_period(&sub, start, end);
+
+    let before = now();
+    let (status, body) = w.app.admin_get(&preview_path("team")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let at = body["proration_date"].as_i64().expect("proration_date");
+    assert!((before..=now()).contains(&at), "{at} not now");
+    let (credit, charge) = crate::fake_stripe::proration(4900, 19900, start, end, at);
+    assert_eq!(
+        body,
+        json!({
+            "tier": "team",
+            "currency": "usd",
+            "proration_minor": credit + charge,
+            "amount_due_minor": credit + charge + 19900,
+            "proration_date": at,
+        })
+    );
+    // What reached Stripe: the subscription's item moved to the tier's price, prorated at `at`.
+    let previews = w.stripe.calls("POST", "/v1/invoices/create_preview");
+    assert_eq!(previews.len(), 1);
+    let p = &previews[0];
+    let customer = w.stripe.subscription(&sub).unwrap()["customer"].clone();
+    assert_eq!(p.field("customer"), customer.as_str());
+    assert_eq!(p.field("subscription"), Some(sub.as_str()));
+    assert_eq!(
+        p.field("subscription_details[items][0][id]"),
+        Some(format!("si_{sub}").as_str())
+    );
+    assert_eq!(
+        p.field("subscription_details[items][0][price]"),
+        Some("price_team_month")
+    );
+    assert_eq!(
+        p.field("subscription_details[proration_behavior]"),
+        Some("create_prorations")
+    );
+    assert_eq!(
+        p.field("subscription_details[proration_date]"),
+        Some(at.to_string().as_str())
+    );
+
+    // Refusals with the neighbours' codes: unknown tier, no tier, the tier it is already on.
+    let (status, body) = w.app.admin_get(&preview_path("nope")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "unknown_tier");
+    let (status, body) = w
+        .app
+        .admin_get(&format!("/v1/accounts/{acct}/subscription/preview"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_request");
+    let (status, body) = w.app.admin_get(&preview_path("pro")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "conflict");
+    assert_eq!(
+        w.stripe.calls("POST", "/v1/invoices/create_preview").len(),
+        1
+    );
+
+    // A change with a stale or future proration_date is refused before Stripe is asked.
+    for stale in [now() - 7200, now() + 3600] {
+        let (status, body) = w
+            .app
+            .admin_put(
+                &format!("/v1/accounts/{acct}/subscription"),
+                json!({"tier": "team", "proration_date": stale}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "invalid_request");
+    }
+    assert!(w
+        .stripe
+        .calls("POST", &format!("/v1/subscriptions/{sub}"))
+        .is_empty());
+
+    // The change passes the previewed instant, so Stripe prorates as shown.
+    let (status, body) = w
+        .app
+        .admin_put(
+            &format!("/v1/accounts/{acct}/subscription"),
+            json!({"tier": "team", "proration_date": at}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let updates = w.stripe.calls("POST", &format!("/v1/subscriptions/{sub}"));
+    assert_eq!(updates.len(), 1);
+    assert_eq!(
+        updates[0].field("proration_date"),
+        Some(at.to_string().as_str())
+    );
+    assert_eq!(
+        updates[0].field("proration_behavior"),
+        Some("create_prorations")
+    );
+
+    // Stripe failing the preview: a clear 502.
+    w.stripe.set_mode(crate::fake_stripe::Mode::Fail {
+        status: 400,
+        kind: "invalid_request_error".into(),
+        code: None,
+        message: "The proration date is outside the period.".into(),
+    });
+    let (status, body) = w.app.admin_get(&preview_path("team")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "stripe_error");
+}

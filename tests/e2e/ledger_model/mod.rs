@@ -559,7 +559,7 @@ async fn check(ledger: &Ledger, conn: &mut RedisConn, model: &Model) -> Result<(
     };
     let mut journal = Vec::with_capacity(items.len());
     for item in &items {
-        journal.push(JournalEntry::from_stream(item).map_err(|e| e.to_string())?);
+        journal.extend(JournalEntry::from_stream(item).map_err(|e| e.to_string())?);
     }
     let (sum_a, sum_p) = journal
         .iter()

@@ -356,6 +356,7 @@ impl Model {
                 return DebitOutcome::Insufficient {
                     allowance: Credits::from_micros(usable),
                     purchased: Credits::from_micros(self.purchased),
+                    leased: Credits::ZERO,
                 };
             }
             if let Some(wanted) = hold {
