@@ -21,6 +21,9 @@
 //! `insert_unnest`, which stores only the rows not there yet. Idempotency is unchanged: a row
 //! is never stored twice, whichever path wrote it.
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use super::entry::JournalEntry;
@@ -79,31 +82,39 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 /// Period rolls happen in Redis; Postgres follows so a later hydration starts from the right
-/// period. Only ever moves forward.
+/// period. Only ever moves forward, judged by the period's start: a Stripe-aligned period can
+/// end before the calendar month it replaces (30 vs 31 days), so the account's opening entry,
+/// flushed after an invoice aligned the period, must not win on its later end. One row per
+/// account (its latest start), since `UPDATE … FROM` with two matching rows applies either.
 async fn update_periods(
     conn: &mut PgConnection,
     batch: &[JournalEntry],
 ) -> Result<(), sqlx::Error> {
-    let resets: Vec<&JournalEntry> = batch
-        .iter()
-        .filter(|e| e.period_start.is_some() && e.period_end.is_some())
-        .collect();
-    if resets.is_empty() {
+    let mut latest: HashMap<&str, (DateTime<Utc>, DateTime<Utc>)> = HashMap::new();
+    for e in batch {
+        let (Some(ps), Some(pe)) = (e.period_start, e.period_end) else {
+            continue;
+        };
+        let slot = latest.entry(e.account_id.as_str()).or_insert((ps, pe));
+        if ps > slot.0 {
+            *slot = (ps, pe);
+        }
+    }
+    if latest.is_empty() {
         return Ok(());
     }
+    let (ids, (starts, ends)): (Vec<String>, (Vec<_>, Vec<_>)) = latest
+        .into_iter()
+        .map(|(id, (ps, pe))| (id.to_string(), (ps, pe)))
+        .unzip();
     sqlx::query(
         "UPDATE accounts a SET period_start = r.ps, period_end = r.pe, updated_at = now()
            FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(id, ps, pe)
-          WHERE a.id = r.id AND a.period_end < r.pe",
+          WHERE a.id = r.id AND a.period_start < r.ps",
     )
-    .bind(
-        resets
-            .iter()
-            .map(|e| e.account_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(resets.iter().map(|e| e.period_start).collect::<Vec<_>>())
-    .bind(resets.iter().map(|e| e.period_end).collect::<Vec<_>>())
+    .bind(ids)
+    .bind(starts)
+    .bind(ends)
     .execute(&mut *conn)
     .await?;
     Ok(())

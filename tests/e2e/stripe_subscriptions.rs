@@ -177,6 +177,43 @@ async fn a_paid_renewal_resets_the_allowance_and_aligns_the_period_once() {
             .unwrap();
     assert_eq!((start.timestamp(), end.timestamp()), renewal_period);
 
+    // A journal entry of an older period flushed late (like the account's opening entry: a
+    // calendar month of 31 days that ends after the aligned 30-day period) does not move
+    // Postgres' period back: periods only move forward by their start.
+    let mut conn = w.env.redis().await;
+    let (allowance, purchased, _, _) = state(&w.app, &acct).await;
+    crate::journal_util::xadd(
+        &mut conn,
+        &crate::journal_util::account_stream(&w.env, &acct),
+        &[
+            ("id", format!("{acct}:open:late")),
+            ("acct", acct.clone()),
+            ("kind", "reset".into()),
+            ("amount", "0".into()),
+            ("d_allow", "0".into()),
+            ("d_purch", "0".into()),
+            ("allow", allowance.to_string()),
+            ("purch", purchased.to_string()),
+            ("tier", "free".into()),
+            ("ts", (t0 * 1000).to_string()),
+            ("period_start", (t0 - 5).to_string()),
+            ("period_end", (t0 - 5 + 31 * 86_400).to_string()),
+        ],
+    )
+    .await;
+    let late = journal_of(&w, &acct, "reset").await;
+    assert!(
+        late.iter().any(|(id, _, _)| id.ends_with(":open:late")),
+        "{late:?}"
+    );
+    let (start, end): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT period_start, period_end FROM accounts WHERE id = $1")
+            .bind(&acct)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!((start.timestamp(), end.timestamp()), renewal_period);
+
     // An older invoice paid late (a previous period) does not move anything back.
     deliver_ok(
         &w.app,
