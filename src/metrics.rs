@@ -75,6 +75,10 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// Accounts loaded from Postgres into Redis.
     pub hydrations: IntCounter,
+    /// Group commit (`debit`, `settle`): grouped script calls made, and the requests they
+    /// carried (the ratio is the mean group size).
+    pub grouped_calls: IntCounterVec,
+    pub grouped_requests: IntCounterVec,
     /// Metered requests by how they were admitted: `slice` (no Redis call) or `exact`.
     pub admissions: IntCounterVec,
     /// Credit-slice reports (one script call per shard) by outcome.
@@ -402,6 +406,18 @@ impl Metrics {
                 &["outcome"],
             )?,
             hydrations,
+            grouped_calls: counter(
+                &r,
+                "tollgate_redis_grouped_calls_total",
+                "Grouped ledger script calls (group commit), by script",
+                &["script"],
+            )?,
+            grouped_requests: counter(
+                &r,
+                "tollgate_redis_grouped_requests_total",
+                "Requests carried by grouped ledger script calls, by script",
+                &["script"],
+            )?,
             in_flight,
             registry: r,
             routes: ArcSwap::from_pointee(HashMap::new()),
@@ -430,6 +446,10 @@ impl Metrics {
         }
         for outcome in ["ok", "error"] {
             m.slice_reports.with_label_values(&[outcome]);
+        }
+        for script in ["debit", "settle"] {
+            m.grouped_calls.with_label_values(&[script]);
+            m.grouped_requests.with_label_values(&[script]);
         }
         for script in ["debit", "extend", "settle", "refund", "slice"] {
             m.redis_errors.with_label_values(&[script]);

@@ -173,6 +173,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         old.redis.timeout_ms != new.redis.timeout_ms,
     );
     check(
+        "redis.group_commit",
+        old.redis.group_commit != new.redis.group_commit,
+    );
+    check(
         "redis.lease_ttl_seconds",
         old.redis.lease_ttl_seconds != new.redis.lease_ttl_seconds,
     );

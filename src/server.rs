@@ -14,6 +14,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// At most this many exact debits go in one grouped script call (`[redis] group_commit`):
+/// enough to carry a busy shard's round trip, few enough that the call blocks Redis ~1 ms.
+const GROUP_COMMIT_MAX_DEBITS: usize = 32;
+
 use crate::auth::AuthCaches;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -84,18 +88,32 @@ pub async fn serve(config: Config, opts: ServeOptions) -> Result<(), StartError>
         crate::store::migrate(&pg).await?;
     }
 
+    let metrics = Arc::new(Metrics::new()?);
     let state = Arc::new(AppState {
         snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::clone(&config))),
         pg,
         redis_target: redis_target.clone(),
         redis,
         caches: Arc::new(AuthCaches::new(config.auth.key_cache_ttl)),
-        ledger: crate::ledger::Ledger::new(
-            &config.redis.key_prefix,
-            config.redis.shards,
-            Duration::from_millis(config.redis.timeout_ms),
-        ),
-        metrics: Arc::new(Metrics::new()?),
+        ledger: {
+            let ledger = crate::ledger::Ledger::new(
+                &config.redis.key_prefix,
+                config.redis.shards,
+                Duration::from_millis(config.redis.timeout_ms),
+            );
+            if config.redis.group_commit {
+                ledger.with_group_commit(
+                    GROUP_COMMIT_MAX_DEBITS,
+                    Some(crate::ledger::GroupMetrics {
+                        calls: metrics.grouped_calls.clone(),
+                        requests: metrics.grouped_requests.clone(),
+                    }),
+                )
+            } else {
+                ledger
+            }
+        },
+        metrics,
         unanswered: Default::default(),
         leases: Arc::new(crate::lease::Leases::new(
             config.leases.clone(),

@@ -254,6 +254,7 @@ shutdown_grace_seconds = 5
 [redis]
 url = "{redis}"
 key_prefix = "{prefix}"
+group_commit = {group_commit}
 
 [postgres]
 url = "{pg}"
@@ -271,6 +272,7 @@ monthly_credits = 1000000000
         redis = url(&res.redis_url),
         prefix = res.prefix,
         pg = url(&res.db_url),
+        group_commit = group_commit(),
         leases = if slices() {
             "\n[leases]\nenabled = true\n"
         } else {
@@ -283,6 +285,12 @@ monthly_credits = 1000000000
 /// (`[leases] enabled = true`); run once with and once without to compare the two paths.
 fn slices() -> bool {
     std::env::var("TOLLGATE_BENCH_SLICES").is_ok_and(|v| v == "1")
+}
+
+/// `TOLLGATE_BENCH_GROUP_COMMIT=0`: one debit script call per exact debit (`[redis]
+/// group_commit = false`); grouped by default, as in production.
+fn group_commit() -> bool {
+    std::env::var("TOLLGATE_BENCH_GROUP_COMMIT").map_or(true, |v| v != "0")
 }
 
 /// The tollgate binary of this build (cargo builds it for benchmarks).

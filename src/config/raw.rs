@@ -90,6 +90,14 @@ pub struct Redis {
     /// instance died without releasing it.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_seconds: u64,
+    /// Group commit of exact debits: while a debit call for a shard is in flight, the next
+    /// debits of that shard wait and go together in one script call.
+    #[serde(default = "default_group_commit")]
+    pub group_commit: bool,
+}
+
+fn default_group_commit() -> bool {
+    true
 }
 
 fn default_lease_ttl() -> u64 {

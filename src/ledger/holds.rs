@@ -6,8 +6,12 @@
 use crate::redis_conn::RedisConn;
 use redis::Value;
 
+use super::group_commit::{Call, Shape};
 use super::{int, keys, reply_err, Ledger, LedgerError};
 use crate::money::Credits;
+
+/// `settle.lua` takes 6 keys and 9 arguments (its header lists them).
+pub(super) const SETTLE_SHAPE: Shape = Shape { keys: 6, args: 9 };
 
 /// What a request really used, for the settle entry.
 #[derive(Debug, Clone, Default)]
@@ -54,26 +58,36 @@ impl Ledger {
         conn: &mut RedisConn,
         r: &SettleRequest<'_>,
     ) -> Result<SettleOutcome, LedgerError> {
+        use redis::ToRedisArgs;
         let k = self.keys(r.account_id);
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(SETTLE_SHAPE.args);
+        r.charge_id.write_redis_args(&mut args);
+        r.cost
+            .map_or(0, Credits::micros)
+            .write_redis_args(&mut args);
+        super::now_ms().write_redis_args(&mut args);
+        r.tokens_in.write_redis_args(&mut args);
+        r.tokens_out.write_redis_args(&mut args);
+        r.status.write_redis_args(&mut args);
+        r.duration_ms.write_redis_args(&mut args);
+        r.reason.write_redis_args(&mut args);
+        (if r.cost.is_none() { "1" } else { "0" }).write_redis_args(&mut args);
+        let action_leases = k.action_leases(r.action);
+        let keys = vec![
+            k.account,
+            k.stream,
+            k.holds,
+            k.hold_data,
+            k.leases,
+            action_leases,
+        ];
         let reply: Vec<Value> = self
-            .timed(
-                self.settle
-                    .key(&k.account)
-                    .key(&k.stream)
-                    .key(&k.holds)
-                    .key(&k.hold_data)
-                    .key(&k.leases)
-                    .key(k.action_leases(r.action))
-                    .arg(r.charge_id)
-                    .arg(r.cost.map_or(0, Credits::micros))
-                    .arg(super::now_ms())
-                    .arg(r.tokens_in)
-                    .arg(r.tokens_out)
-                    .arg(r.status)
-                    .arg(r.duration_ms)
-                    .arg(r.reason)
-                    .arg(if r.cost.is_none() { "1" } else { "0" })
-                    .invoke_async(conn),
+            .call_script(
+                self.group_settle.as_ref(),
+                &self.settle,
+                k.shard,
+                conn,
+                Call { keys, args },
             )
             .await?;
         let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));

@@ -5,6 +5,8 @@
 //! rolling deploy.
 
 pub mod billing;
+mod debit;
+mod group_commit;
 pub mod holds;
 pub mod hydrate;
 pub mod keys;
@@ -22,6 +24,8 @@ use crate::redis_conn::RedisConn;
 use redis::{Script, Value};
 
 use crate::money::Credits;
+pub use debit::{DebitOutcome, DebitRequest};
+pub use group_commit::BatchFailure;
 pub use keys::AccountKeys;
 
 const PERIOD_LUA: &str = include_str!("period.lua");
@@ -36,6 +40,9 @@ pub enum LedgerError {
     Timeout(Duration),
     #[error("unexpected script reply: {0}")]
     Reply(String),
+    /// A grouped call failed; `outcome_unknown` as for a single call.
+    #[error("redis (grouped call): {}", .0.message)]
+    Batch(group_commit::BatchFailure),
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
     #[error("account {0:?} does not exist")]
@@ -44,84 +51,11 @@ pub enum LedgerError {
     UnknownTier { account: String, tier: String },
 }
 
-/// One debit: what the proxy knows about the caller's plan and the price.
-#[derive(Debug, Clone)]
-pub struct DebitRequest<'a> {
-    pub account_id: &'a str,
-    pub tier: &'a str,
-    /// `None` = unlimited.
-    pub monthly: Option<Credits>,
-    pub cost: Credits,
-    pub now_ms: i64,
-    /// The request id as the client and the logs know it (may be client-supplied).
-    pub request_id: &'a str,
-    /// Unique per debit, minted by tollgate: journal entry ids and the concurrency lease are
-    /// keyed by it, so a client repeating an `X-Request-Id` cannot collide with itself.
-    pub charge_id: &'a str,
-    pub route: &'a str,
-    pub action: &'a str,
-    pub requests_per_hour: u64,
-    pub requests_per_month: u64,
-    pub action_per_hour: u64,
-    pub action_per_month: u64,
-    pub max_concurrent: u32,
-    pub lease_ttl_ms: u64,
-    /// Past this instant in Redis's clock (unix ms) the script refuses to charge: the caller
-    /// will have timed out. 0 = no deadline.
-    pub deadline_ms: i64,
-    /// Hold what is taken until settle (ms it lives unsettled; 0 = a plain debit).
-    pub hold_ttl_ms: u64,
-    /// Holds only: take up to this much when available (at least `cost`); `None` = all.
-    pub wanted: Option<Credits>,
-    /// The tier's tokens per period (0 = no limit).
-    pub tokens_per_month: u64,
-    /// The resource the route counts, its delta, and the tier's limit (`None` = unlimited).
-    pub counts: Option<(&'a str, i64, Option<u64>)>,
-    /// Requests of this action in flight (0 = no limit).
-    pub action_max_concurrent: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DebitOutcome {
-    Charged {
-        from_allowance: Credits,
-        from_purchased: Credits,
-        allowance: Credits,
-        purchased: Credits,
-        period_end: i64,
-        /// The amount debited (and held, for a hold).
-        taken: Credits,
-    },
-    /// Not in Redis: hydrate from Postgres and retry.
-    Missing,
-    Insufficient {
-        allowance: Credits,
-        purchased: Credits,
-        /// Reserved by credit slices (not free, though part of the balance).
-        leased: Credits,
-    },
-    Quota {
-        name: String,
-        limit: u64,
-        retry_after_secs: u64,
-    },
-    Concurrency {
-        limit: u32,
-    },
-    Inactive {
-        status: String,
-    },
-    /// Redis holds another tier than the caller's cached identity (a tier change in flight).
-    TierMismatch {
-        tier: String,
-    },
-    /// The script ran after the caller's deadline and charged nothing.
-    Expired,
-    /// The counted resource is at the tier's limit.
-    LimitReached {
-        resource: String,
-        limit: u64,
-    },
+/// The group-commit counters, labelled by script (`debit`, `settle`).
+#[derive(Clone)]
+pub struct GroupMetrics {
+    pub calls: prometheus::IntCounterVec,
+    pub requests: prometheus::IntCounterVec,
 }
 
 /// One credit movement outside the hot path.
@@ -214,6 +148,10 @@ pub struct Ledger {
     extend: Script,
     sweep: Script,
     uncount: Script,
+    /// Group commit of exact debits and settles (`[redis] group_commit`); `None`: one call
+    /// per request.
+    group_debit: Option<group_commit::GroupCommit>,
+    group_settle: Option<group_commit::GroupCommit>,
 }
 
 use crate::redis_conn::{reply_int as int, reply_text as text};
@@ -243,7 +181,71 @@ impl Ledger {
             extend: Script::new(&format!("{HOLD_LUA}\n{}", include_str!("extend.lua"))),
             sweep: Script::new(include_str!("sweep.lua")),
             uncount: Script::new(include_str!("uncount.lua")),
+            group_debit: None,
+            group_settle: None,
         }
+    }
+
+    /// Group commit: exact debits (and settles) of one shard that arrive while one is in
+    /// flight go together in one call (at most `max_batch` per call). `metrics`: the counters
+    /// by script (`tollgate_redis_grouped_*_total`).
+    pub fn with_group_commit(mut self, max_batch: usize, metrics: Option<GroupMetrics>) -> Self {
+        let counters = |script: &str| {
+            metrics.as_ref().map(|m| group_commit::GroupCounters {
+                calls: m.calls.with_label_values(&[script]),
+                requests: m.requests.with_label_values(&[script]),
+            })
+        };
+        self.group_debit = Some(group_commit::GroupCommit::new(
+            group_commit::batch_script(&format!("{PERIOD_LUA}\n{}", include_str!("debit.lua"))),
+            debit::SHAPE,
+            self.shards,
+            max_batch,
+            self.timeout,
+            counters("debit"),
+        ));
+        self.group_settle = Some(group_commit::GroupCommit::new(
+            group_commit::batch_script(&format!("{HOLD_LUA}\n{}", include_str!("settle.lua"))),
+            holds::SETTLE_SHAPE,
+            self.shards,
+            max_batch,
+            self.timeout,
+            counters("settle"),
+        ));
+        self
+    }
+
+    /// One call of `single` (a script of `group`'s shape): a place in the shard's next grouped
+    /// call when group commit is on, else a call of its own; both within the ledger's timeout.
+    async fn call_script(
+        &self,
+        group: Option<&group_commit::GroupCommit>,
+        single: &Script,
+        shard: u32,
+        conn: &mut RedisConn,
+        call: group_commit::Call,
+    ) -> Result<Vec<Value>, LedgerError> {
+        let call = match group {
+            Some(group) => {
+                match tokio::time::timeout(self.timeout, group.call(shard, conn, call)).await {
+                    Ok(Ok(Ok(Value::Array(reply)))) => return Ok(reply),
+                    Ok(Ok(Ok(other))) => return Err(LedgerError::Reply(format!("{other:?}"))),
+                    Ok(Ok(Err(failure))) => return Err(LedgerError::Batch(failure)),
+                    Err(_) => return Err(LedgerError::Timeout(self.timeout)),
+                    // No queue could take it: a call of its own.
+                    Ok(Err(call)) => call,
+                }
+            }
+            None => call,
+        };
+        let mut inv = single.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k.as_str());
+        }
+        for a in &call.args {
+            inv.arg(a.as_slice());
+        }
+        self.timed(inv.invoke_async(conn)).await
     }
 
     /// Measures Redis's clock against ours (half the round trip assumed each way).
@@ -299,93 +301,6 @@ impl Ledger {
             Ok(r) => Ok(r?),
             Err(_) => Err(LedgerError::Timeout(self.timeout)),
         }
-    }
-
-    /// The hot path: one EVALSHA.
-    pub async fn debit(
-        &self,
-        conn: &mut RedisConn,
-        r: &DebitRequest<'_>,
-    ) -> Result<DebitOutcome, LedgerError> {
-        let k = self.keys(r.account_id);
-        let monthly = r.monthly.map_or(-1, Credits::micros);
-        let reply: Vec<Value> = self
-            .timed(
-                self.debit
-                    .key(&k.account)
-                    .key(&k.stream)
-                    .key(&k.leases)
-                    .key(&k.holds)
-                    .key(&k.hold_data)
-                    .key(k.action_leases(r.action))
-                    .arg(r.account_id)
-                    .arg(r.tier)
-                    .arg(monthly)
-                    .arg(r.cost.micros())
-                    .arg(r.now_ms)
-                    .arg(r.request_id)
-                    .arg(r.route)
-                    .arg(r.action)
-                    .arg(r.requests_per_hour)
-                    .arg(r.requests_per_month)
-                    .arg(r.action_per_hour)
-                    .arg(r.action_per_month)
-                    .arg(r.max_concurrent)
-                    .arg(r.lease_ttl_ms)
-                    .arg(r.charge_id)
-                    .arg(r.deadline_ms)
-                    .arg(r.hold_ttl_ms)
-                    .arg(r.wanted.map_or(-1, Credits::micros))
-                    .arg(r.tokens_per_month)
-                    .arg(r.counts.map_or("", |c| c.0))
-                    .arg(r.counts.map_or(0, |c| c.1))
-                    .arg(
-                        r.counts
-                            .and_then(|c| c.2)
-                            .map_or(-1, |l| l.min(i64::MAX as u64) as i64),
-                    )
-                    .arg(r.action_max_concurrent)
-                    .invoke_async(conn),
-            )
-            .await?;
-        let at = |i: usize| reply.get(i).and_then(int).ok_or_else(|| reply_err(&reply));
-        let c = |i: usize| at(i).map(Credits::from_micros);
-        Ok(match at(0)? {
-            0 => DebitOutcome::Charged {
-                from_allowance: c(1)?,
-                from_purchased: c(2)?,
-                allowance: c(3)?,
-                purchased: c(4)?,
-                period_end: at(5)?,
-                taken: c(6)?,
-            },
-            1 => DebitOutcome::Missing,
-            2 => DebitOutcome::Insufficient {
-                allowance: c(1)?,
-                purchased: c(2)?,
-                leased: c(3).unwrap_or(Credits::ZERO),
-            },
-            3 => DebitOutcome::Quota {
-                name: reply.get(1).and_then(text).unwrap_or_default(),
-                limit: at(2)?.max(0) as u64,
-                retry_after_secs: at(3)?.max(1) as u64,
-            },
-            4 => DebitOutcome::Concurrency {
-                limit: at(1)?.max(0) as u32,
-            },
-            5 => DebitOutcome::Inactive {
-                status: reply.get(1).and_then(text).unwrap_or_default(),
-            },
-            6 => DebitOutcome::TierMismatch {
-                tier: reply.get(1).and_then(text).unwrap_or_default(),
-            },
-            7 => DebitOutcome::Expired,
-            8 => DebitOutcome::LimitReached {
-                resource: reply.get(1).and_then(text).unwrap_or_default(),
-                limit: at(2)?.max(0) as u64,
-            },
-            _ => return Err(reply_err(&reply)),
-        })
     }
 
     /// Grants, purchases, refunds: idempotent on `external_id`.

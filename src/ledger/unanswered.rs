@@ -49,6 +49,7 @@ const MARK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub fn outcome_unknown(e: &LedgerError) -> bool {
     match e {
         LedgerError::Timeout(_) | LedgerError::Reply(_) => true,
+        LedgerError::Batch(failure) => failure.outcome_unknown,
         LedgerError::Redis(e) => {
             !e.is_connection_refusal()
                 && (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())

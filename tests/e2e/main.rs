@@ -17,6 +17,7 @@ mod ai_sessions;
 mod auth;
 mod check_config;
 mod deploy_files;
+mod group_commit;
 mod jwks;
 mod jwt;
 mod layout;

@@ -46,6 +46,8 @@ struct Case {
     tier: usize,
     purchased: i64,
     ops: Vec<Op>,
+    /// Debits go through group commit (`debit_batch.lua` around `debit.lua`), as by default.
+    grouped: bool,
 }
 
 fn amount() -> impl Strategy<Value = i64> {
@@ -86,11 +88,13 @@ fn case() -> impl Strategy<Value = Case> {
         0usize..TIERS.len(),
         prop_oneof![Just(0i64), (1i64..=50).prop_map(|n| n * 100_000)],
         prop::collection::vec(op(), 1..=40),
+        prop::bool::ANY,
     )
-        .prop_map(|(tier, purchased, ops)| Case {
+        .prop_map(|(tier, purchased, ops, grouped)| Case {
             tier,
             purchased,
             ops,
+            grouped,
         })
 }
 
@@ -236,6 +240,11 @@ async fn run_case(
     seen: &RefCell<BTreeMap<String, u64>>,
 ) -> Result<(), TestCaseError> {
     let ledger = Ledger::new(prefix, 1, Duration::from_secs(5));
+    let ledger = if case.grouped {
+        ledger.with_group_commit(8, None)
+    } else {
+        ledger
+    };
     let mut model = Model::new(case.tier, case.purchased);
     hydrate(&ledger, &mut conn, &model)
         .await
