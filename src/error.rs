@@ -19,6 +19,28 @@ fn credits_amount(c: Credits) -> String {
 /// `Retry-After` of a 503 `auth_keys_unavailable` (the JWKS is retried about this often).
 const AUTH_KEYS_RETRY_AFTER_SECS: u64 = 5;
 
+/// Every [`GatewayError::code`], once each: the OpenAPI document's enum and the request
+/// outcome labels are built from it.
+pub const CODES: [&str; 17] = [
+    "route_not_found",
+    "missing_credentials",
+    "invalid_credentials",
+    "account_inactive",
+    "feature_not_in_tier",
+    "insufficient_credits",
+    "rate_limited",
+    "quota_exceeded",
+    "payload_too_large",
+    "metering_unavailable",
+    "auth_keys_unavailable",
+    "model_not_priced",
+    "invalid_request",
+    "limit_reached",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "internal_error",
+];
+
 /// Errors the proxy answers itself instead of forwarding.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {

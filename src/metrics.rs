@@ -27,32 +27,11 @@ pub const ROUTE_UNMATCHED: &str = "_unmatched";
 /// The `outcome` label values of `tollgate_config_reloads_total`.
 pub const RELOAD_OUTCOMES: [&str; 3] = ["applied", "invalid", "restart_required"];
 
-/// Outcomes of a request on a configured route (`tollgate_requests_total{outcome}`): besides
-/// `forwarded`, `upstream_5xx`, `client_error` and `unmetered`, every `GatewayError` code but
+/// Outcomes of a request on a configured route (`tollgate_requests_total{outcome}`) that are
+/// not error codes; [`Metrics::expect_routes`] adds every [`crate::error::CODES`] entry but
 /// `route_not_found`. Each exists at 0 per route from the start, so `increase()` and ratio
 /// alerts see the first one.
-const ROUTE_OUTCOMES: &[&str] = &[
-    "forwarded",
-    "upstream_5xx",
-    "client_error",
-    "unmetered",
-    "missing_credentials",
-    "invalid_credentials",
-    "account_inactive",
-    "feature_not_in_tier",
-    "insufficient_credits",
-    "rate_limited",
-    "quota_exceeded",
-    "payload_too_large",
-    "metering_unavailable",
-    "auth_keys_unavailable",
-    "model_not_priced",
-    "invalid_request",
-    "limit_reached",
-    "upstream_unavailable",
-    "upstream_timeout",
-    "internal_error",
-];
+const ROUTE_OUTCOMES: [&str; 4] = ["forwarded", "upstream_5xx", "client_error", "unmetered"];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -514,7 +493,10 @@ impl Metrics {
         let mut handles = HashMap::with_capacity(config.routes.len());
         for route in &config.routes {
             let name = route.name.as_str();
-            for outcome in ROUTE_OUTCOMES {
+            let codes = crate::error::CODES
+                .iter()
+                .filter(|c| **c != "route_not_found");
+            for outcome in ROUTE_OUTCOMES.iter().chain(codes) {
                 self.requests.with_label_values(&[name, outcome]);
             }
             handles.insert(

@@ -60,27 +60,6 @@ impl PartialSchema for AdminError {
 
 impl ToSchema for AdminError {}
 
-/// The codes of [`crate::error::GatewayError::code`].
-const PROXY_ERROR_CODES: [&str; 17] = [
-    "route_not_found",
-    "missing_credentials",
-    "invalid_credentials",
-    "account_inactive",
-    "feature_not_in_tier",
-    "insufficient_credits",
-    "rate_limited",
-    "quota_exceeded",
-    "payload_too_large",
-    "metering_unavailable",
-    "auth_keys_unavailable",
-    "model_not_priced",
-    "invalid_request",
-    "limit_reached",
-    "upstream_unavailable",
-    "upstream_timeout",
-    "internal_error",
-];
-
 /// An error the proxy listener answers itself.
 pub struct ProxyError;
 
@@ -95,7 +74,7 @@ impl PartialSchema for ProxyError {
                 "error",
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .enum_values(Some(PROXY_ERROR_CODES)),
+                    .enum_values(Some(crate::error::CODES)),
             )
             .required("error")
             .property("message", ObjectBuilder::new().schema_type(Type::String))
