@@ -146,52 +146,38 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             fields.push(name.to_string());
         }
     };
-    check("server.listen", old.server.listen != new.server.listen);
-    check(
-        "server.admin_listen",
-        old.server.admin_listen != new.server.admin_listen,
+    // A field of a section, named as in the file, compared as is.
+    macro_rules! compare {
+        ($($section:ident . $field:ident),* $(,)?) => {
+            $(check(
+                concat!(stringify!($section), ".", stringify!($field)),
+                old.$section.$field != new.$section.$field,
+            );)*
+        };
+    }
+    compare!(
+        server.listen,
+        server.admin_listen,
+        server.metrics_listen,
+        server.threads,
+        // The listener speaks TLS or not from the start; the same files are re-read on reload.
+        server.tls,
     );
-    check(
-        "server.metrics_listen",
-        old.server.metrics_listen != new.server.metrics_listen,
-    );
-    check("server.threads", old.server.threads != new.server.threads);
-    // The listener speaks TLS or not from the start; the same files are re-read on reload.
-    check("server.tls", old.server.tls != new.server.tls);
     // The slices' instance state is built from it at start.
     check("leases", old.leases != new.leases);
     // The log subscriber and the trace exporter are process-wide, set up at start.
     check("telemetry", differs(&old.telemetry, &new.telemetry));
-    check("redis.url", old.redis.url != new.redis.url);
-    check(
-        "redis.key_prefix",
-        old.redis.key_prefix != new.redis.key_prefix,
-    );
-    check("redis.shards", old.redis.shards != new.redis.shards);
-    check(
-        "redis.timeout_ms",
-        old.redis.timeout_ms != new.redis.timeout_ms,
-    );
-    check(
-        "redis.group_commit",
-        old.redis.group_commit != new.redis.group_commit,
-    );
-    check(
-        "redis.lease_ttl_seconds",
-        old.redis.lease_ttl_seconds != new.redis.lease_ttl_seconds,
-    );
-    check("postgres.url", old.postgres.url != new.postgres.url);
-    check(
-        "postgres.max_connections",
-        old.postgres.max_connections != new.postgres.max_connections,
-    );
-    check(
-        "journal.claim_idle_seconds",
-        old.journal.claim_idle_seconds != new.journal.claim_idle_seconds,
-    );
-    check(
-        "journal.reconcile_after_seconds",
-        old.journal.reconcile_after_seconds != new.journal.reconcile_after_seconds,
+    compare!(
+        redis.url,
+        redis.key_prefix,
+        redis.shards,
+        redis.timeout_ms,
+        redis.group_commit,
+        redis.lease_ttl_seconds,
+        postgres.url,
+        postgres.max_connections,
+        journal.claim_idle_seconds,
+        journal.reconcile_after_seconds,
     );
     check(
         "auth.key_cache_ttl_seconds",
