@@ -46,6 +46,10 @@ const TEMPLATE_SOURCES: &[(&str, &str)] = &[
     ("base.html", include_str!("templates/base.html")),
     ("message.html", include_str!("templates/message.html")),
     (
+        "portal_limits.html",
+        include_str!("templates/portal_limits.html"),
+    ),
+    (
         "portal_signin.html",
         include_str!("templates/portal_signin.html"),
     ),
