@@ -10,6 +10,40 @@ use crate::browser::Browser;
 use crate::harness::poll_until;
 use crate::stripe_util::{account, world};
 
+/// A client that does not follow redirects (the console answers forms with 303s).
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Signs in with the admin token; the session cookie (`name=value`).
+async fn sign_in(raw: &reqwest::Client, app: &crate::harness::App) -> String {
+    let resp = raw
+        .post(app.admin_url("/console/signin"))
+        .form(&[("token", app.admin_token())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("tg_console="))
+        .map(|c| c.split(';').next().unwrap().to_string())
+        .expect("console session cookie")
+}
+
+/// A fresh client and its signed-in session cookie.
+async fn signed_in(app: &crate::harness::App) -> (reqwest::Client, String) {
+    let raw = no_redirects();
+    let cookie = sign_in(&raw, app).await;
+    (raw, cookie)
+}
+
 #[tokio::test]
 async fn console_signs_in_finds_an_account_grants_and_shows_the_journal() {
     let w = world().await;
@@ -17,11 +51,7 @@ async fn console_signs_in_finds_an_account_grants_and_shows_the_journal() {
     let acct = account(app, "free").await;
     let _decoy = account(app, "pro").await;
 
-    let raw = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .unwrap();
+    let raw = no_redirects();
     let resp = raw.get(app.admin_url("/console/")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER, "no session → sign-in");
     assert_eq!(resp.headers()["location"], "/console/signin");
@@ -40,21 +70,7 @@ async fn console_signs_in_finds_an_account_grants_and_shows_the_journal() {
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
 
     // Signed in, a form without the session's CSRF token is refused (on a console-styled page).
-    let resp = raw
-        .post(app.admin_url("/console/signin"))
-        .form(&[("token", app.admin_token())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("tg_console="))
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .expect("console session cookie");
+    let cookie = sign_in(&raw, app).await;
     let resp = raw
         .post(app.admin_url(&format!("/console/accounts/{acct}/grant")))
         .header("cookie", &cookie)
@@ -198,26 +214,7 @@ async fn console_traffic_shows_request_and_402_rates_since_the_previous_look() {
     let acct = account(app, "free").await; // 10 credits, 1 per request
     let (_, key) = app.create_key(&acct).await;
 
-    let raw = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .unwrap();
-    let resp = raw
-        .post(app.admin_url("/console/signin"))
-        .form(&[("token", app.admin_token())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("tg_console="))
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .expect("console session cookie");
+    let (raw, cookie) = signed_in(app).await;
     let page = || async {
         let resp = raw
             .get(app.admin_url("/console/traffic"))
@@ -283,26 +280,7 @@ async fn console_account_page_shows_when_each_key_was_last_used() {
     let (used_id, used_key) = app.create_key(&acct).await;
     let (idle_id, _) = app.create_key(&acct).await;
 
-    let raw = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .unwrap();
-    let resp = raw
-        .post(app.admin_url("/console/signin"))
-        .form(&[("token", app.admin_token())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|c| c.starts_with("tg_console="))
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .expect("console session cookie");
+    let (raw, cookie) = signed_in(app).await;
     let page = || async {
         let resp = raw
             .get(app.admin_url(&format!("/console/accounts/{acct}")))

@@ -45,6 +45,18 @@ fn session_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
         .map(|c| c.split(';').next().unwrap_or_default().to_string())
 }
 
+/// Signs in to the portal with an API key; the session cookie (`name=value`).
+async fn key_session(raw: &reqwest::Client, app: &crate::harness::App, key: &str) -> String {
+    let resp = raw
+        .post(app.proxy_url("/_tollgate/portal/signin"))
+        .form(&[("api_key", key)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    session_cookie(&resp, "tg_portal").expect("session cookie")
+}
+
 /// The CSRF token of a page's first form.
 fn csrf_of(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
@@ -386,14 +398,7 @@ async fn portal_keys_within_the_seat_limit_sign_in_and_scoping() {
 
     // Scoping and forged forms, with a plain HTTP client signed in as `account`.
     let raw = raw_client();
-    let resp = raw
-        .post(app.proxy_url("/_tollgate/portal/signin"))
-        .form(&[("api_key", key.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = session_cookie(&resp, "tg_portal").expect("session cookie");
+    let cookie = key_session(&raw, &app, &key).await;
     let page = raw
         .get(app.proxy_url("/_tollgate/portal/keys"))
         .header("cookie", &cookie)
@@ -504,14 +509,7 @@ async fn portal_keys_show_when_each_key_was_last_used_flushed_to_redis() {
 
     // Signing in to the portal with a key is not a use of the API.
     let raw = raw_client();
-    let resp = raw
-        .post(app.proxy_url("/_tollgate/portal/signin"))
-        .form(&[("api_key", used_key.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = session_cookie(&resp, "tg_portal").expect("session cookie");
+    let cookie = key_session(&raw, &app, &used_key).await;
     let keys_page = || async {
         raw.get(app.proxy_url("/_tollgate/portal/keys"))
             .header("cookie", &cookie)
