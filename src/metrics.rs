@@ -420,6 +420,8 @@ impl Metrics {
         }
         m.redis_script_seconds.with_label_values(&["debit"]);
         m.redis_script_seconds.with_label_values(&["slice"]);
+        m.redis_script_seconds.with_label_values(&["settle"]);
+        m.redis_script_seconds.with_label_values(&["extend"]);
         for path in ["slice", "exact"] {
             m.admissions.with_label_values(&[path]);
         }

@@ -281,8 +281,9 @@ monthly_credits = 1000000000
     )
 }
 
-/// `TOLLGATE_BENCH_SLICES=1`: tollgate serves the fixed-price row from credit slices
-/// (`[leases] enabled = true`); run once with and once without to compare the two paths.
+/// `TOLLGATE_BENCH_SLICES=1`: tollgate serves the metered rows (fixed price, token-priced and
+/// SSE holds) from credit slices (`[leases] enabled = true`); run once with and once without
+/// to compare the two paths.
 fn slices() -> bool {
     std::env::var("TOLLGATE_BENCH_SLICES").is_ok_and(|v| v == "1")
 }

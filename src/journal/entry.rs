@@ -6,7 +6,9 @@
 //! - **one row**: flat field/value pairs (`id`, `acct`, `kind`, `amount`, `d_allow`, …), one
 //!   XADD per journal entry, as the per-request scripts write them;
 //! - **packed rows**: a single field `rows` holding many rows (one batch report of a credit
-//!   slice), so a batch window costs one XADD instead of one per request. Rows are joined by
+//!   slice), so a batch window costs one XADD instead of one per request. Settle rows' usage
+//!   (tokens, upstream status, duration, reason) travels beside them in an optional `usage`
+//!   field, one line per settle row: `entry_id|tok_in|tok_out|status|duration_ms|reason`. Rows are joined by
 //!   `\n`; each row is [`PACKED_FIELDS`] joined by `|`, `req` last because it is the only part
 //!   that may itself contain `|` (a client-chosen request id). Integers are decimal text; empty
 //!   text is `None`. Every row keeps its own entry id and request id, so a charge is still
@@ -22,7 +24,9 @@ use redis::Value;
 
 mod packed;
 
-pub use packed::{pack_rows, packed_min_ts, PackError, RowFields, PACKED_FIELDS, ROWS_FIELD};
+pub use packed::{
+    pack_rows, packed_min_ts, PackError, RowFields, PACKED_FIELDS, ROWS_FIELD, USAGE_FIELD,
+};
 use packed::{parse_int, split_row};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +72,32 @@ pub struct BadEntry {
     pub reason: String,
 }
 
+/// Fills the settle rows of a packed entry with their usage lines
+/// (`entry_id|tok_in|tok_out|status|duration_ms|reason`, see the module doc).
+fn add_usage(stream_id: &str, entries: &mut [JournalEntry], usage: &str) -> Result<(), BadEntry> {
+    let bad = |reason: String| BadEntry {
+        stream_id: stream_id.to_string(),
+        reason,
+    };
+    for (n, line) in usage.split('\n').enumerate() {
+        let mut parts = line.splitn(6, '|');
+        let mut next = || parts.next().unwrap_or_default();
+        let (id, tok_in, tok_out, status, dur, reason) =
+            (next(), next(), next(), next(), next(), next());
+        let num = |v: &str| (!v.is_empty()).then(|| v.parse::<i64>().ok()).flatten();
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.entry_id == id)
+            .ok_or_else(|| bad(format!("usage line {n}: no row {id:?}")))?;
+        entry.tokens_in = num(tok_in);
+        entry.tokens_out = num(tok_out);
+        entry.upstream_status = num(status).and_then(|s| i32::try_from(s).ok());
+        entry.duration_ms = num(dur).and_then(|s| i32::try_from(s).ok());
+        entry.reason = (!reason.is_empty()).then(|| reason.to_string());
+    }
+    Ok(())
+}
+
 impl JournalEntry {
     /// Parses one stream entry, `[id, [field, value, ...]]`, in either form (one row, or
     /// packed rows under `rows`) into its journal rows, all carrying the entry's stream id.
@@ -88,15 +118,27 @@ impl JournalEntry {
             Some(Value::Array(f)) => f,
             _ => return Err(bad(&stream_id, "no fields")),
         };
-        let packed = fields.chunks(2).find_map(|pair| match pair {
-            [k, v] if bytes_to_string(k).as_deref() == Some(ROWS_FIELD) => Some(v),
-            _ => None,
-        });
-        match packed {
+        let field = |name: &str| {
+            fields.chunks(2).find_map(|pair| match pair {
+                [k, v] if bytes_to_string(k).as_deref() == Some(name) => Some(v),
+                _ => None,
+            })
+        };
+        match field(ROWS_FIELD) {
             Some(rows) => {
                 let rows =
                     bytes_to_string(rows).ok_or_else(|| bad(&stream_id, "rows is not text"))?;
-                Self::from_packed(&stream_id, &rows)
+                let usage = match field(USAGE_FIELD) {
+                    Some(v) => Some(
+                        bytes_to_string(v).ok_or_else(|| bad(&stream_id, "usage is not text"))?,
+                    ),
+                    None => None,
+                };
+                let mut entries = Self::from_packed(&stream_id, &rows)?;
+                if let Some(usage) = usage {
+                    add_usage(&stream_id, &mut entries, &usage)?;
+                }
+                Ok(entries)
             }
             None => Ok(vec![Self::from_fields(stream_id, fields)?]),
         }
@@ -362,6 +404,33 @@ mod tests {
         assert_eq!(parsed[1].route.as_deref(), Some("r"));
         assert_eq!(parsed[1].tier.as_deref(), Some("free"));
         assert_eq!(packed_min_ts(text), Some(999));
+    }
+
+    #[test]
+    fn settle_rows_take_their_usage_from_the_usage_field() {
+        let rows = "a:debit|acct1|debit|5|-5|0|10|0|r|ai|free|1000|q1\na:settle|acct1|settle|-2|2|0|12|0|r|ai|free|1001|q1";
+        let with = |usage: &str| {
+            Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![
+                    bulk(ROWS_FIELD),
+                    bulk(rows),
+                    bulk(USAGE_FIELD),
+                    bulk(usage),
+                ]),
+            ])
+        };
+        let parsed = JournalEntry::from_stream(&with("a:settle|10|20|200|35|usage")).unwrap();
+        assert_eq!(
+            (parsed[0].tokens_in, parsed[0].reason.as_deref()),
+            (None, None)
+        );
+        let s = &parsed[1];
+        assert_eq!((s.tokens_in, s.tokens_out), (Some(10), Some(20)));
+        assert_eq!((s.upstream_status, s.duration_ms), (Some(200), Some(35)));
+        assert_eq!(s.reason.as_deref(), Some("usage"));
+        // A usage line naming no row of the entry makes the entry bad, as a bad row does.
+        assert!(JournalEntry::from_stream(&with("b:settle|1|1|200|1|usage")).is_err());
     }
 
     #[test]

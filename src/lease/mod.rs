@@ -13,9 +13,18 @@
 //! A crashed instance's slice expires back to the account after `leases.ttl_ms`; what it served
 //! and never reported (at most one batch window, at most 1 s when Redis is slow) is forgiven.
 //!
-//! Only fixed-price routes on tiers without per-request quotas, concurrency limits or counted
-//! resources are served from slices ([`eligible`]); everything else takes the exact path.
+//! Metered (token-priced, SSE) requests take their hold from the slice the same way: the hold
+//! is a charge row, a stream's top-ups are `extend` rows taken from the slice, and the settle
+//! is a row that gives the unused part back to the slice (or takes the extra) with the exact
+//! path's rules ([`Leases::settle`]). A crash after a hold was reported leaves it charged as
+//! held, as an expired exact hold is settled at what it holds.
+//!
+//! Served from slices: fixed prices and holds on tiers without per-request quotas,
+//! concurrency limits or counted resources ([`eligible`]), holds also without
+//! `tokens_per_month` and without per-minute steps ([`eligible_hold`]); everything else takes
+//! the exact path.
 
+pub mod holds;
 pub mod recall;
 pub mod report;
 pub mod reporter;
@@ -32,7 +41,8 @@ use crate::ledger::keys::shard_of;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
-use slice::{Mode, Row, Slice};
+pub use holds::{SettleUsage, SettledHere, Topped};
+use slice::{Mode, Row, RowKind, Slice, SliceHold};
 
 type Slot = Arc<Mutex<Slice>>;
 
@@ -69,6 +79,8 @@ pub struct Ask<'a> {
     pub action: &'a str,
     pub charge_id: &'a str,
     pub request_id: &'a str,
+    /// A metered request's hold (settled later with [`Leases::settle`]), not a final price.
+    pub hold: bool,
 }
 
 /// The answer to [`Leases::serve`].
@@ -96,6 +108,13 @@ pub fn eligible(tier: &TierConfig, route: &RouteConfig) -> bool {
         && quota.is_none_or(|q| {
             q.per_hour.is_none() && q.per_month.is_none() && q.max_concurrent.is_none()
         })
+}
+
+/// Holds the slice path can serve exactly: [`eligible`], no `tokens_per_month` (counted at
+/// admission against Redis), and no per-minute steps (`per_tick`, taken by the exact path's
+/// keeper as the session runs).
+pub fn eligible_hold(tier: &TierConfig, route: &RouteConfig, ticking: bool) -> bool {
+    !ticking && tier.tokens_per_month().is_none() && eligible(tier, route)
 }
 
 fn monthly(tier: &TierConfig) -> i64 {
@@ -176,15 +195,27 @@ impl Leases {
             (s.allowance - s.unconfirmed() + ask.cost).clamp(0, ask.cost)
         };
         s.pending.push(Row {
-            refund: false,
+            kind: RowKind::Debit,
             charge_id: ask.charge_id.to_string(),
             amount: ask.cost,
             route: ask.route.to_string(),
             action: ask.action.to_string(),
             ts_ms: crate::ledger::now_ms(),
             request_id: ask.request_id.to_string(),
+            extra: String::new(),
+            part: None,
         });
-        s.in_flight.insert(ask.charge_id.to_string(), None);
+        if ask.hold {
+            s.holds.insert(
+                ask.charge_id.to_string(),
+                SliceHold {
+                    held: ask.cost,
+                    ..SliceHold::default()
+                },
+            );
+        } else {
+            s.in_flight.insert(ask.charge_id.to_string(), None);
+        }
         Served::Charged {
             balance: (s.monthly >= 0).then(|| s.balance()),
             from_allowance,
@@ -239,13 +270,15 @@ impl Leases {
         let mut s = slot.lock();
         s.pending_net -= amount;
         s.pending.push(Row {
-            refund: true,
+            kind: RowKind::Refund,
             charge_id: charge_id.to_string(),
             amount,
             route: route.to_string(),
             action: action.to_string(),
             ts_ms: crate::ledger::now_ms(),
             request_id: request_id.to_string(),
+            extra: String::new(),
+            part: None,
         });
     }
 

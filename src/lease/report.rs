@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Script, Value};
 
-use super::slice::{Mode, Row};
+use super::slice::{Mode, Row, RowKind};
 use super::{Leases, Slot, Stores};
 use crate::ledger::keys::{shard_tag, stream, AccountKeys};
 use crate::ledger::LedgerError;
@@ -40,7 +40,8 @@ struct Section {
     want: i64,
     floor: i64,
     rows: Vec<Row>,
-    /// Per row: a refund's allowance part when a reply told it, else -1.
+    /// Per row: a refund's allowance part when a reply told it (else -1); a settle's
+    /// purchased part of its hold from applied reports.
     refund_parts: Vec<i64>,
 }
 
@@ -84,7 +85,7 @@ fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
             || (serving && (top_up || renew))
             || (!serving && s.held);
         if !needed {
-            if !s.held && s.pending.is_empty() && s.in_flight.is_empty() && (idle || exact) {
+            if s.settled() && (idle || exact) {
                 drop.push(account_id);
             }
             continue;
@@ -93,25 +94,28 @@ fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
         if !top_up {
             s.dry = s.dry.saturating_sub(1);
         }
-        let rows = std::mem::take(&mut s.pending);
+        let mut rows = std::mem::take(&mut s.pending);
         s.spent_since_report = 0;
         let mut net = 0;
-        let refund_parts = rows
-            .iter()
-            .map(|r| {
-                if r.refund {
-                    net -= r.amount;
-                    s.in_flight
-                        .get(&r.charge_id)
-                        .copied()
-                        .flatten()
-                        .unwrap_or(-1)
-                } else {
-                    net += r.amount;
-                    -1
-                }
-            })
-            .collect();
+        let mut refund_parts = Vec::with_capacity(rows.len());
+        for r in rows.iter_mut() {
+            net += r.net();
+            let part = match r.kind {
+                RowKind::Refund => s
+                    .in_flight
+                    .get(&r.charge_id)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(-1),
+                // The hold's record ends here: what applied reports said of it travels in
+                // the row (kept if the row must be sent again).
+                RowKind::Settle => *r.part.get_or_insert_with(|| {
+                    s.holds.remove(&r.charge_id).map_or(0, |h| h.from_purchased)
+                }),
+                RowKind::Debit | RowKind::Extend => -1,
+            };
+            refund_parts.push(part);
+        }
         s.pending_net -= net;
         s.sent_net = net;
         s.sent_seq = seq;
@@ -132,7 +136,7 @@ fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
             // Re-checked under the write lock: a request may have used it meanwhile.
             let idle = map.get(&account_id).is_some_and(|slot| {
                 let s = slot.lock();
-                !s.held && s.pending.is_empty() && s.in_flight.is_empty() && !s.urgent
+                s.settled() && !s.urgent
             });
             if idle {
                 map.remove(&account_id);
@@ -223,14 +227,15 @@ async fn send(
             .arg(sec.floor)
             .arg(sec.rows.len());
         for (row, part) in sec.rows.iter().zip(&sec.refund_parts) {
-            call.arg(if row.refund { "r" } else { "d" })
+            call.arg(row.kind.code())
                 .arg(&row.charge_id)
                 .arg(row.amount)
                 .arg(*part)
                 .arg(&row.route)
                 .arg(&row.action)
                 .arg(row.ts_ms)
-                .arg(&row.request_id);
+                .arg(&row.request_id)
+                .arg(&row.extra);
         }
     }
     let mut conn = stores.redis();
@@ -283,10 +288,16 @@ fn apply(leases: &Leases, report: Report, reply: &[Field], sent_at: Instant) -> 
             missing.push(sec.account_id);
             continue;
         }
-        for (k, row) in sec.rows.iter().filter(|r| !r.refund).enumerate() {
-            if let (Some(entry), Some(part)) = (s.in_flight.get_mut(&row.charge_id), splits.get(k))
-            {
+        let limited = s.monthly >= 0;
+        let taken = sec
+            .rows
+            .iter()
+            .filter(|r| matches!(r.kind, RowKind::Debit | RowKind::Extend));
+        for (row, part) in taken.zip(&splits) {
+            if let Some(entry) = s.in_flight.get_mut(&row.charge_id) {
                 *entry = Some(*part);
+            } else if let Some(hold) = s.holds.get_mut(&row.charge_id).filter(|_| limited) {
+                hold.from_purchased += row.amount - part;
             }
         }
         let landed = (report_seq, s.sent_net);

@@ -15,11 +15,21 @@
 --       5 number of account sections, then per section:
 --         account id, tier, monthly credits (µc, -1 = unlimited), wanted slice (µc),
 --         floor (µc: a slice smaller than this is useless; grant nothing then), row count,
---         then per row 8 fields: type ('d' debit | 'r' refund), charge id, amount (µc),
---         refund's allowance part (µc; -1 = the debit is in this report), route, action,
---         ts (ms), request id
+--         then per row 9 fields: type, charge id, amount (µc), part (µc), route, action,
+--         ts (ms), request id, extra. Types:
+--           'd' a charge (a fixed price, or a metered request's hold): counted as a request;
+--           'r' a fixed charge given back whole; part = its allowance part (-1 = the debit is
+--               in this report);
+--           'x' more taken for a running hold; extra = its number (entry id <charge>:x<n>);
+--           's' a hold settled: amount = true cost - held (negative = money back, to
+--               purchased first as far as the hold took from it, then to the allowance;
+--               positive = the extra, allowance first, purchased may go below zero, as
+--               settle.lua does); part = the purchased part of the hold in earlier reports
+--               (this report's own rows are added here); extra = the usage for the journal
+--               row, 'tok_in|tok_out|status|duration_ms|reason' (tokens count against
+--               tok_p).
 -- Reply: {'dup', the first reply as '\n'-joined text} for a repeat; otherwise flat, per section: code, slice (µc), allowance, purchased, leased, period_end,
---        status/tier text, number of debit rows, then each debit row's allowance part.
+--        status/tier text, number of 'd' and 'x' rows, then each one's allowance part.
 --        code 0 ok; 1 account missing (its rows were NOT applied: hydrate and send again);
 --        2 not enough unreserved balance for the floor (slice returned); 5 not active (text =
 --        status; slice returned); 6 tier differs (text = tier; slice returned). Rows of codes
@@ -37,7 +47,7 @@ if seq <= tonumber(redis.call('HGET', sh, seqf) or '0') then
   return {'dup', stored or ''}
 end
 
-local rows, out = {}, {}
+local rows, usage, out = {}, {}, {}
 local a = 6
 for i = 1, n do
   local acct = KEYS[3 + i]
@@ -45,7 +55,7 @@ for i = 1, n do
   local monthly, wanted, floor = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local nrows = tonumber(ARGV[a + 5])
   local r0 = a + 6
-  a = r0 + nrows * 8
+  a = r0 + nrows * 9
   local member = inst .. '|' .. id
   local f = redis.call('HMGET', acct, 'tier', 'status', 'period_end', 'allowance', 'purchased',
     'leased', 'req_h_idx', 'req_h', 'req_p')
@@ -70,11 +80,13 @@ for i = 1, n do
       end
       return t
     end
+    local tokens = 0
     for r = 0, nrows - 1 do
-      local b = r0 + r * 8
+      local b = r0 + r * 9
       local typ, charge, amount = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2])
       local route, action, ts, req = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
-      if typ == 'd' then
+      local extra = ARGV[b + 8]
+      if typ == 'd' or typ == 'x' then
         local fa, fp = 0, 0
         if limited then
           fa = math.min(math.max(allowance, 0), amount)
@@ -84,21 +96,28 @@ for i = 1, n do
         end
         slice = math.max(slice - amount, 0)
         leased = math.max(leased - amount, 0)
-        batch[charge] = fa
+        local held = batch[charge]
+        if not held then held = {fa = 0, fp = 0}; batch[charge] = held end
+        held.fa, held.fp = held.fa + fa, held.fp + fp
         splits[#splits + 1] = fa
-        local hour = math.floor(tonumber(ts) / 3600000)
-        if hour > hidx then hidx = hour; req_h = 0 end
-        if hour == hidx then req_h = req_h + 1 end
-        req_p = req_p + 1
-        local t = act(action)
-        if hour > t.hidx then t.hidx = hour; t.h = 0 end
-        if hour == t.hidx then t.h = t.h + 1 end
-        t.p = t.p + 1
-        rows[#rows + 1] = table.concat({charge .. ':debit', id, 'debit', int(amount), int(-fa),
-          int(-fp), int(allowance), int(purchased), route, action, cur_tier, ts, req}, '|')
-      else
+        if typ == 'd' then
+          local hour = math.floor(tonumber(ts) / 3600000)
+          if hour > hidx then hidx = hour; req_h = 0 end
+          if hour == hidx then req_h = req_h + 1 end
+          req_p = req_p + 1
+          local t = act(action)
+          if hour > t.hidx then t.hidx = hour; t.h = 0 end
+          if hour == t.hidx then t.h = t.h + 1 end
+          t.p = t.p + 1
+          rows[#rows + 1] = table.concat({charge .. ':debit', id, 'debit', int(amount), int(-fa),
+            int(-fp), int(allowance), int(purchased), route, action, cur_tier, ts, req}, '|')
+        else
+          rows[#rows + 1] = table.concat({charge .. ':x' .. extra, id, 'extend', int(amount),
+            int(-fa), int(-fp), int(allowance), int(purchased), route, action, cur_tier, ts, req}, '|')
+        end
+      elseif typ == 'r' then
         local fa = tonumber(ARGV[b + 3])
-        if fa < 0 then fa = batch[charge] or 0 end
+        if fa < 0 then fa = (batch[charge] and batch[charge].fa) or 0 end
         if not limited then fa = 0 end
         local fp = 0
         if limited then fp = amount - fa end
@@ -106,8 +125,33 @@ for i = 1, n do
         purchased = purchased + fp
         rows[#rows + 1] = table.concat({charge .. ':refund', id, 'refund', int(-amount), int(fa),
           int(fp), int(allowance), int(purchased), route, action, cur_tier, ts, req}, '|')
+      else
+        local da, dp = 0, 0
+        if limited then
+          if amount < 0 then
+            local held_fp = math.max(tonumber(ARGV[b + 3]), 0)
+              + ((batch[charge] and batch[charge].fp) or 0)
+            dp = math.min(-amount, held_fp)
+            da = -amount - dp
+          elseif amount > 0 then
+            da = -math.min(math.max(allowance, 0), amount)
+            dp = -(amount + da)
+          end
+          allowance = allowance + da
+          purchased = purchased + dp
+        end
+        if amount > 0 then
+          slice = math.max(slice - amount, 0)
+          leased = math.max(leased - amount, 0)
+        end
+        local tin, tout = string.match(extra, '^(%d*)|(%d*)|')
+        tokens = tokens + (tonumber(tin) or 0) + (tonumber(tout) or 0)
+        rows[#rows + 1] = table.concat({charge .. ':settle', id, 'settle', int(amount), int(da),
+          int(dp), int(allowance), int(purchased), route, action, cur_tier, ts, req}, '|')
+        usage[#usage + 1] = charge .. ':settle|' .. extra
       end
     end
+    if tokens > 0 then redis.call('HINCRBY', acct, 'tok_p', int(tokens)) end
     local code, text = 0, ''
     if status ~= 'active' then
       code, text, wanted = 5, status, 0
@@ -155,7 +199,9 @@ for i = 1, n do
     for _, s in ipairs(splits) do out[#out + 1] = s end
   end
 end
-if #rows > 0 then
+if #usage > 0 then
+  redis.call('XADD', stream, '*', 'rows', table.concat(rows, '\n'), 'usage', table.concat(usage, '\n'))
+elseif #rows > 0 then
   redis.call('XADD', stream, '*', 'rows', table.concat(rows, '\n'))
 end
 -- Kept for a repeat of this report (its sender did not see this reply): numbers as exact

@@ -4,17 +4,72 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// A request served from the slice (or its refund), waiting for the next report.
+/// What a report row does (the `type` field of `slice.lua`'s rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// A request's charge: a fixed price, or a metered request's hold.
+    Debit,
+    /// A fixed-price charge given back whole (the route's refund policy).
+    Refund,
+    /// More taken for a running hold (a stream whose running cost passed what is held).
+    Extend,
+    /// A hold ended at its true cost: `amount` is true cost − held (negative: money back).
+    Settle,
+}
+
+impl RowKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            RowKind::Debit => "d",
+            RowKind::Refund => "r",
+            RowKind::Extend => "x",
+            RowKind::Settle => "s",
+        }
+    }
+}
+
+/// A request served from the slice (a charge, a refund, a hold's top-up or its settle),
+/// waiting for the next report.
 #[derive(Debug, Clone)]
 pub struct Row {
-    pub refund: bool,
+    pub kind: RowKind,
     pub charge_id: String,
-    /// µc, positive (a refund gives back the whole charge).
+    /// µc: positive for a debit, refund (the whole charge back) or extend; a settle's is
+    /// signed (true cost − held).
     pub amount: i64,
     pub route: String,
     pub action: String,
     pub ts_ms: i64,
     pub request_id: String,
+    /// A settle's usage for its journal row: `tok_in|tok_out|status|duration_ms|reason`;
+    /// an extend's sequence number in its entry id (`<charge>:x<n>`) as text.
+    pub extra: String,
+    /// A settle's purchased part of its hold in reports already applied (µc), fixed when the
+    /// row is first put in a report (the hold's record is gone after that).
+    pub part: Option<i64>,
+}
+
+impl Row {
+    /// What the row adds to the money charged here and not yet applied in Redis (µc).
+    pub fn net(&self) -> i64 {
+        match self.kind {
+            RowKind::Refund => -self.amount,
+            RowKind::Debit | RowKind::Extend | RowKind::Settle => self.amount,
+        }
+    }
+}
+
+/// A metered request's hold taken from the slice, until its settle row is in a report.
+#[derive(Debug, Clone, Default)]
+pub struct SliceHold {
+    /// µc held (the hold and its top-ups).
+    pub held: i64,
+    /// The purchased part of what is held, as the replies of applied reports told it (µc).
+    pub from_purchased: i64,
+    /// Top-ups taken so far (names the next `extend` row).
+    pub extends: u32,
+    /// Settled: its settle row waits in `pending`.
+    pub settled: bool,
 }
 
 /// Whether the slice may serve.
@@ -36,10 +91,10 @@ pub struct Slice {
     pub remaining: i64,
     /// Rows not yet sent in a report.
     pub pending: Vec<Row>,
-    /// Debits served since the report in flight was built (µc): the reply's slice is net of
-    /// everything before.
+    /// Slice spent since the report in flight was built (µc; a settle that gives money back
+    /// makes it smaller): the reply's slice is net of everything before.
     pub spent_since_report: i64,
-    /// Net µc (debits − refunds) of the rows in `pending`.
+    /// Net µc (debits + extends + settles − refunds) of the rows in `pending`.
     pub pending_net: i64,
     /// Net µc of the rows in the report in flight, and that report's number: a balance read
     /// subtracts them only while Redis has not applied that report.
@@ -67,6 +122,8 @@ pub struct Slice {
     /// Charges served here whose request is still running → the allowance part of the debit
     /// once a reply told it (a refund gives back exactly what was taken, as on the exact path).
     pub in_flight: HashMap<String, Option<i64>>,
+    /// Holds of metered requests taken from this slice, by charge id.
+    pub holds: HashMap<String, SliceHold>,
     /// Low-balance threshold of the tier, for the `low` flag.
     pub low_threshold: Option<i64>,
     /// A request waits for this slice: include it in the next report whatever its state.
@@ -98,10 +155,17 @@ impl Slice {
             window_started: now,
             last_used: now,
             in_flight: HashMap::new(),
+            holds: HashMap::new(),
             low_threshold,
             urgent: false,
             held: false,
         }
+    }
+
+    /// Nothing of this slice is out or owed: Redis holds no slice for it, no row waits, and
+    /// no request charged from it is still running.
+    pub fn settled(&self) -> bool {
+        !self.held && self.pending.is_empty() && self.in_flight.is_empty() && self.holds.is_empty()
     }
 
     pub fn serving(&self, now: Instant) -> bool {

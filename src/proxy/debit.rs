@@ -54,6 +54,8 @@ pub struct HoldSpec {
     pub ttl_ms: u64,
     /// Take up to this much when the balance has it (`None`: all of it).
     pub wanted: Option<Credits>,
+    /// The route takes per-minute steps as the session runs (the exact path's keeper does).
+    pub ticking: bool,
 }
 
 /// The debit's verdict.
@@ -336,9 +338,9 @@ pub async fn debit(
     }
 }
 
-/// The slice path: a fixed-price request on an eligible plan is charged in process, with no
-/// Redis call (or one report when this instance has no slice of the account yet). `None`:
-/// take the exact path.
+/// The slice path: a fixed-price request or a hold on an eligible plan is charged in process,
+/// with no Redis call (or one report when this instance has no slice of the account yet).
+/// `None`: take the exact path.
 async fn from_slice(
     state: &AppState,
     route: &RouteConfig,
@@ -349,22 +351,34 @@ async fn from_slice(
     charge_id: &str,
 ) -> Option<Charge> {
     let leases = &state.leases;
-    if !leases.cfg.enabled || ask.hold.is_some() || !crate::lease::eligible(tier, route) {
+    if !leases.cfg.enabled {
         return None;
     }
+    // A hold is taken whole (what the exact path would hold when the balance has it); one
+    // that wants "all of the balance" cannot come from a slice.
+    let cost = match ask.hold {
+        None if crate::lease::eligible(tier, route) => ask.cost,
+        Some(HoldSpec {
+            wanted: Some(wanted),
+            ticking,
+            ..
+        }) if crate::lease::eligible_hold(tier, route, ticking) => wanted.max(ask.cost),
+        _ => return None,
+    };
     let lease_ask = crate::lease::Ask {
         account_id: &identity.account_id,
         tier,
-        cost: ask.cost.micros(),
+        cost: cost.micros(),
         route: &route.name,
         action: &route.action,
         charge_id,
         request_id,
+        hold: ask.hold.is_some(),
     };
     let served = match leases.serve(&lease_ask) {
         crate::lease::Served::Acquire => {
-            let shard = leases.prepare(&identity.account_id, tier, ask.cost.micros());
-            let waiting = Some((identity.account_id.as_str(), ask.cost.micros()));
+            let shard = leases.prepare(&identity.account_id, tier, cost.micros());
+            let waiting = Some((identity.account_id.as_str(), cost.micros()));
             if let Err(e) =
                 crate::lease::report::report_shard_for(leases, state, shard, false, waiting).await
             {
@@ -387,7 +401,7 @@ async fn from_slice(
         .metrics
         .credits_debited_micros
         .with_label_values(&[&route.name, &tier.name])
-        .inc_by(ask.cost.micros().max(0) as u64);
+        .inc_by(cost.micros().max(0) as u64);
     let remaining = balance.map(Credits::from_micros);
     let low = match (remaining, tier.low_balance_credits()) {
         (Some(r), Some(threshold)) => r < threshold,
@@ -397,14 +411,14 @@ async fn from_slice(
     Some(Charge {
         account_id: identity.account_id.clone(),
         charge_id: charge_id.to_string(),
-        cost: ask.cost,
+        cost,
         from_allowance,
-        from_purchased: ask.cost - from_allowance,
+        from_purchased: cost - from_allowance,
         remaining,
         low,
         low_threshold: tier.low_balance_credits(),
         lease: false,
-        hold: false,
+        hold: ask.hold.is_some(),
         action: route.action.clone(),
         action_lease: false,
         counted: None,

@@ -11,12 +11,22 @@ use crate::money::Credits;
 use crate::pricing::Rates;
 use crate::state::AppState;
 
+/// A hold taken from this instance's credit slice: its top-ups and settle are rows of the
+/// slice's next report, which name the request.
+#[derive(Debug, Clone)]
+pub struct Sliced {
+    pub route: String,
+    pub request_id: String,
+}
+
 /// Shared between the request's phases and its background tasks.
 #[derive(Debug)]
 pub struct Hold {
     pub account_id: String,
     pub charge_id: String,
     pub action: String,
+    /// Taken from the credit slice (no Redis record; see [`crate::lease`]).
+    pub sliced: Option<Sliced>,
     pub rates: Rates,
     pub started: Instant,
     ttl_ms: u64,
@@ -40,11 +50,13 @@ impl Hold {
         held: Credits,
         balance: Option<Credits>,
         ttl_ms: u64,
+        sliced: Option<Sliced>,
     ) -> Arc<Hold> {
         Arc::new(Hold {
             account_id: account_id.to_string(),
             charge_id: charge_id.to_string(),
             action: action.to_string(),
+            sliced,
             rates,
             started: Instant::now(),
             ttl_ms,
@@ -127,21 +139,8 @@ impl Hold {
             } else {
                 Credits::ZERO
             };
-            let mut conn = state.redis.clone();
             let reason = if is_tick { "duration" } else { "renew" };
-            match state
-                .ledger
-                .extend(
-                    &mut conn,
-                    &hold.account_id,
-                    &hold.charge_id,
-                    step,
-                    hold.ttl_ms,
-                    reason,
-                    &hold.action,
-                )
-                .await
-            {
+            match hold.extend_exact(&state, step, reason).await {
                 Ok(Some(e)) => {
                     hold.record(&e);
                     if is_tick {
@@ -184,21 +183,15 @@ impl Hold {
         }
         let hold = Arc::clone(self);
         let state = Arc::clone(state);
+        if let Some(sliced) = self.sliced.clone() {
+            tokio::spawn(async move {
+                hold.top_up_from_slice(&state, &sliced, step).await;
+                hold.extending.store(false, Ordering::Release);
+            });
+            return;
+        }
         tokio::spawn(async move {
-            let mut conn = state.redis.clone();
-            match state
-                .ledger
-                .extend(
-                    &mut conn,
-                    &hold.account_id,
-                    &hold.charge_id,
-                    step,
-                    hold.ttl_ms,
-                    "stream",
-                    &hold.action,
-                )
-                .await
-            {
+            match hold.extend_exact(&state, step, "stream").await {
                 Ok(Some(e)) => hold.record(&e),
                 Ok(None) => {}
                 Err(e) => {
@@ -212,6 +205,78 @@ impl Hold {
             }
             hold.extending.store(false, Ordering::Release);
         });
+    }
+
+    /// One `extend.lua` call for this (exact) hold, timed as the `extend` script.
+    async fn extend_exact(
+        &self,
+        state: &AppState,
+        step: Credits,
+        reason: &str,
+    ) -> Result<Option<crate::ledger::holds::Extended>, crate::ledger::LedgerError> {
+        let mut conn = state.redis.clone();
+        let started = Instant::now();
+        let outcome = state
+            .ledger
+            .extend(
+                &mut conn,
+                &self.account_id,
+                &self.charge_id,
+                step,
+                self.ttl_ms,
+                reason,
+                &self.action,
+            )
+            .await;
+        state
+            .metrics
+            .redis_script_seconds
+            .with_label_values(&["extend"])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// A top-up from the credit slice: in process when the slice has the step, else after one
+    /// report that asks for it; when even then the slice has less, what it has (short: the
+    /// stream runs on what is held, as on the exact path when the balance has less).
+    async fn top_up_from_slice(&self, state: &AppState, sliced: &Sliced, step: Credits) {
+        let leases = &state.leases;
+        let row = (
+            sliced.route.as_str(),
+            self.action.as_str(),
+            sliced.request_id.as_str(),
+        );
+        for attempt in 0..2 {
+            let last = attempt == 1;
+            match leases.extend(&self.account_id, &self.charge_id, step.micros(), last, row) {
+                crate::lease::Topped::Taken {
+                    taken,
+                    held,
+                    balance,
+                } => {
+                    self.record(&crate::ledger::holds::Extended {
+                        taken: Credits::from_micros(taken),
+                        held: Credits::from_micros(held),
+                        short: taken < step.micros(),
+                        balance: Credits::from_micros(balance.unwrap_or(0)),
+                    });
+                    return;
+                }
+                crate::lease::Topped::Gone => return,
+                crate::lease::Topped::Acquire => {
+                    let Some(shard) = leases.want(&self.account_id, step.micros()) else {
+                        return;
+                    };
+                    let waiting = Some((self.account_id.as_str(), step.micros()));
+                    if let Err(e) =
+                        crate::lease::report::report_shard_for(leases, state, shard, false, waiting)
+                            .await
+                    {
+                        tracing::warn!(error = %e, account = %self.account_id, "could not top up a stream's slice");
+                    }
+                }
+            }
+        }
     }
 
     /// Stops the keeper (the request is ending; settle follows).
@@ -295,6 +360,7 @@ mod tests {
             Credits::from_micros(5),
             Some(Credits::from_micros(95)),
             1000,
+            None,
         );
         assert_eq!(
             (h.held(), h.balance()),
@@ -323,6 +389,7 @@ mod tests {
             Credits::from_micros(5),
             None,
             1000,
+            None,
         );
         h.record(&extended(8, -3, false));
         assert_eq!(h.held(), Credits::from_micros(8));

@@ -120,6 +120,7 @@ impl Gateway {
             hold: Some(debit::HoldSpec {
                 ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
                 wanted: Some(minimum),
+                ticking: rates.per_tick != crate::money::Credits::ZERO,
             }),
         };
         self.meter(session, ctx, snap, route, identity, ask, false)
@@ -128,7 +129,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// Turns the debit just made into a running hold (keeper started).
+    /// Turns the debit just made into a running hold (keeper started; a hold from a credit
+    /// slice has no Redis record to keep alive and no steps, so no keeper).
     pub(super) fn begin_hold(&self, ctx: &mut RequestCtx, snap: &Snapshot, rates: Rates) {
         let (Some(charge), Some(m)) = (ctx.billing.standing(), ctx.metered.as_mut()) else {
             return;
@@ -136,6 +138,13 @@ impl Gateway {
         if !charge.hold {
             return;
         }
+        let sliced = charge.slice.then(|| hold::Sliced {
+            route: ctx
+                .route
+                .as_ref()
+                .map_or_else(String::new, |r| r.name.clone()),
+            request_id: ctx.request_id.clone(),
+        });
         let hold = hold::Hold::new(
             &charge.account_id,
             &charge.charge_id,
@@ -144,8 +153,11 @@ impl Gateway {
             charge.cost,
             charge.remaining,
             snap.config.redis.lease_ttl_seconds * 1000,
+            sliced,
         );
-        hold.start_keeper(Arc::clone(&self.state));
+        if hold.sliced.is_none() {
+            hold.start_keeper(Arc::clone(&self.state));
+        }
         m.hold = Some(hold);
     }
 
@@ -202,6 +214,7 @@ impl Gateway {
             hold: Some(debit::HoldSpec {
                 ttl_ms: snap.config.redis.lease_ttl_seconds * 1000,
                 wanted,
+                ticking: rates.per_tick != crate::money::Credits::ZERO,
             }),
         };
         self.meter(session, ctx, &snap, &route, &identity, ask, true)

@@ -219,9 +219,20 @@ pub async fn finish_hold(
         reason,
         action: &hold.action,
     };
+    if let Some(sliced) = &hold.sliced {
+        settle_in_slice(state, &hold, sliced, &request, request_id);
+        return;
+    }
     let mut conn = state.redis.clone();
     for attempt in 0..2 {
-        match state.ledger.settle(&mut conn, &request).await {
+        let started = std::time::Instant::now();
+        let outcome = state.ledger.settle(&mut conn, &request).await;
+        state
+            .metrics
+            .redis_script_seconds
+            .with_label_values(&["settle"])
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
             Ok(SettleOutcome::Settled { delta, .. }) => {
                 let direction = if delta.micros() > 0 { "extra" } else { "back" };
                 state
@@ -256,6 +267,58 @@ pub async fn finish_hold(
                 }
             }
         }
+    }
+}
+
+/// Settles a hold taken from the credit slice: in process, the row goes in the slice's next
+/// report (no Redis call of its own).
+fn settle_in_slice(
+    state: &AppState,
+    hold: &Hold,
+    sliced: &crate::proxy::hold::Sliced,
+    request: &SettleRequest<'_>,
+    request_id: &str,
+) {
+    let cost = request.cost.unwrap_or_else(|| hold.held());
+    let usage = crate::lease::SettleUsage {
+        tokens_in: request.tokens_in,
+        tokens_out: request.tokens_out,
+        status: request.status,
+        duration_ms: request.duration_ms,
+        reason: request.reason,
+    };
+    let row = (
+        sliced.route.as_str(),
+        hold.action.as_str(),
+        sliced.request_id.as_str(),
+    );
+    match state.leases.settle(
+        &hold.account_id,
+        &hold.charge_id,
+        cost.micros(),
+        &usage,
+        row,
+    ) {
+        Some(settled) => {
+            let direction = if settled.delta > 0 { "extra" } else { "back" };
+            state
+                .metrics
+                .credits_settled_micros
+                .with_label_values(&[direction])
+                .inc_by(settled.delta.unsigned_abs());
+            state
+                .metrics
+                .settles
+                .with_label_values(&[request.reason])
+                .inc();
+            tracing::debug!(
+                request_id,
+                delta = settled.delta,
+                reason = request.reason,
+                "settled in the slice"
+            );
+        }
+        None => tracing::warn!(request_id, "the slice hold was already settled"),
     }
 }
 
@@ -305,6 +368,7 @@ mod tests {
             rates.reserve,
             Some(micros(95_000_000)),
             300_000,
+            None,
         );
         let mut m = Metered {
             rates: Some(rates),

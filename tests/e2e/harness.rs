@@ -512,6 +512,9 @@ impl ConfigBuilder {
             out.push_str(fragment);
             out.push('\n');
         }
+        if std::env::var_os("TOLLGATE_TEST_FORCE_LEASES").is_some() && !out.contains("[leases]") {
+            out.push_str("\n[leases]\nenabled = true\n");
+        }
         out
     }
 

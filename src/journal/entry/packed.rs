@@ -10,6 +10,9 @@ pub const PACKED_FIELDS: [&str; 13] = [
 /// The stream field that holds packed rows.
 pub const ROWS_FIELD: &str = "rows";
 
+/// The stream field beside `rows` that holds settle rows' usage (see the parent module's doc).
+pub const USAGE_FIELD: &str = "usage";
+
 /// One journal row to pack into a batched stream entry ([`pack_rows`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RowFields<'a> {
