@@ -512,6 +512,8 @@ impl ConfigBuilder {
             out.push_str(fragment);
             out.push('\n');
         }
+        // A development knob: run any test's tollgate on credit slices (the slice path must
+        // keep every money rule the exact path keeps; a crash's hold is the one difference).
         if std::env::var_os("TOLLGATE_TEST_FORCE_LEASES").is_some() && !out.contains("[leases]") {
             out.push_str("\n[leases]\nenabled = true\n");
         }
