@@ -159,3 +159,152 @@ impl Leases {
         Some(self.shard(account_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{for_tests, raw};
+    use crate::lease::slice::RowKind;
+    use crate::lease::{Ask, Served};
+
+    const USAGE: SettleUsage<'static> = SettleUsage {
+        tokens_in: 10,
+        tokens_out: 20,
+        status: 200,
+        duration_ms: 35,
+        reason: "usage",
+    };
+    const ROW: (&str, &str, &str) = ("ai", "chat", "req-1");
+
+    /// An instance holding a confirmed slice of `remaining` µc of an account with 100 credits.
+    fn sliced(remaining: i64) -> Leases {
+        let cfg = for_tests("[tiers.t]\nmonthly_credits = 100\n");
+        let leases = Leases::new(raw::Leases::default(), 1);
+        let tier = cfg.tier("t").expect("tier t");
+        leases.prepare("acct", tier, 1);
+        let slot = leases.slot("acct").expect("slot");
+        let mut s = slot.lock();
+        s.remaining = remaining;
+        s.held = true;
+        s.urgent = false;
+        s.allowance = 100_000_000;
+        s.valid_until = Instant::now() + Duration::from_secs(60);
+        drop(s);
+        leases
+    }
+
+    fn hold(leases: &Leases, charge: &str, cost: i64) {
+        let cfg = for_tests("[tiers.t]\nmonthly_credits = 100\n");
+        let ask = Ask {
+            account_id: "acct",
+            tier: cfg.tier("t").expect("tier t"),
+            cost,
+            route: "ai",
+            action: "chat",
+            charge_id: charge,
+            request_id: "req-1",
+            hold: true,
+        };
+        assert!(matches!(leases.serve(&ask), Served::Charged { .. }));
+    }
+
+    fn slice_state(leases: &Leases) -> (i64, i64, i64) {
+        let slot = leases.slot("acct").expect("slot");
+        let s = slot.lock();
+        (s.remaining, s.pending_net, s.spent_since_report)
+    }
+
+    #[test]
+    fn a_hold_its_top_up_and_its_settle_move_the_slice_and_queue_their_rows() {
+        let leases = sliced(100);
+        hold(&leases, "c1", 10);
+        assert_eq!(slice_state(&leases), (90, 10, 10));
+        let Topped::Taken { taken, held, .. } = leases.extend("acct", "c1", 5, false, ROW) else {
+            panic!("the slice has the step");
+        };
+        assert_eq!((taken, held), (5, 15));
+        assert_eq!(slice_state(&leases), (85, 15, 15));
+        // A step the slice cannot pay asks for a report first, then takes what is left.
+        assert!(matches!(
+            leases.extend("acct", "c1", 500, false, ROW),
+            Topped::Acquire
+        ));
+        let Topped::Taken { taken, held, .. } = leases.extend("acct", "c1", 500, true, ROW) else {
+            panic!("what is left");
+        };
+        assert_eq!((taken, held), (85, 100));
+        assert_eq!(slice_state(&leases), (0, 100, 100));
+        // Settled at 7: 93 back into the slice, once.
+        let settled = leases
+            .settle("acct", "c1", 7, &USAGE, ROW)
+            .expect("settled");
+        assert_eq!(settled.delta, -93);
+        assert_eq!(slice_state(&leases), (93, 7, 7));
+        assert!(leases.settle("acct", "c1", 7, &USAGE, ROW).is_none());
+        assert!(matches!(
+            leases.extend("acct", "c1", 1, true, ROW),
+            Topped::Gone
+        ));
+
+        let report = crate::lease::report::build(&leases, 0, 1, false);
+        let sec = &report.sections[0];
+        let kinds: Vec<(RowKind, i64, &str)> = sec
+            .rows
+            .iter()
+            .map(|r| (r.kind, r.amount, r.extra.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (RowKind::Debit, 10, ""),
+                (RowKind::Extend, 5, "1"),
+                (RowKind::Extend, 85, "2"),
+                (RowKind::Settle, -93, "10|20|200|35|usage"),
+            ]
+        );
+        // The settle's purchased part from earlier reports: none (every row of the hold is
+        // in this report, where the script adds them up).
+        assert_eq!(sec.refund_parts, [-1, -1, -1, 0]);
+        let slot = leases.slot("acct").expect("slot");
+        let s = slot.lock();
+        assert!(
+            s.holds.is_empty(),
+            "the hold's record ends with its settle row"
+        );
+        assert_eq!((s.pending_net, s.sent_net, s.spent_since_report), (0, 7, 0));
+    }
+
+    #[test]
+    fn a_settle_over_the_hold_takes_the_extra_past_the_slice() {
+        let leases = sliced(12);
+        hold(&leases, "c1", 10);
+        let settled = leases
+            .settle("acct", "c1", 25, &USAGE, ROW)
+            .expect("settled");
+        assert_eq!(settled.delta, 15);
+        // 2 were left: the slice is 13 short until the next report (which charges the
+        // extra to the balance, as the exact path's settle does).
+        assert_eq!(slice_state(&leases), (-13, 25, 25));
+        assert!(!leases.can_serve("acct", 1));
+    }
+
+    #[test]
+    fn the_purchased_part_of_a_reported_hold_goes_with_its_settle() {
+        let leases = sliced(100);
+        hold(&leases, "c1", 10);
+        let _ = crate::lease::report::build(&leases, 0, 1, false);
+        // As the reply of that report would tell it: 4 from the allowance, 6 from purchased.
+        {
+            let slot = leases.slot("acct").expect("slot");
+            let mut s = slot.lock();
+            s.holds.get_mut("c1").expect("hold").from_purchased = 6;
+        }
+        leases
+            .settle("acct", "c1", 3, &USAGE, ROW)
+            .expect("settled");
+        let report = crate::lease::report::build(&leases, 0, 2, false);
+        assert_eq!(report.sections[0].refund_parts, [6]);
+    }
+}

@@ -29,20 +29,20 @@ pub struct ShardReports {
 
 pub struct Report {
     seq: u64,
-    sections: Vec<Section>,
+    pub(super) sections: Vec<Section>,
 }
 
-struct Section {
+pub(super) struct Section {
     account_id: String,
     slot: Slot,
     tier: String,
     monthly: i64,
     want: i64,
     floor: i64,
-    rows: Vec<Row>,
+    pub(super) rows: Vec<Row>,
     /// Per row: a refund's allowance part when a reply told it (else -1); a settle's
     /// purchased part of its hold from applied reports.
-    refund_parts: Vec<i64>,
+    pub(super) refund_parts: Vec<i64>,
 }
 
 /// The sorted set of a shard's slices (score = expiry, ms).
@@ -56,7 +56,7 @@ pub fn slice_data_key(prefix: &str, shard: u32) -> String {
 }
 
 /// Takes from the shard's slices what the next report must carry.
-fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
+pub(super) fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
     let slots: Vec<(String, Slot)> = leases.shards[shard]
         .read()
         .iter()
@@ -71,7 +71,8 @@ fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> Report {
     for (account_id, slot) in slots {
         let mut s = slot.lock();
         s.sample_rate(now);
-        let idle = now.duration_since(s.last_used) >= idle_after && !s.urgent;
+        // A running hold keeps its slice: a long stream may need a top-up any time.
+        let idle = now.duration_since(s.last_used) >= idle_after && !s.urgent && s.holds.is_empty();
         let exact = s.exact(now);
         if closing || (idle && s.mode == Mode::Serving) {
             s.mode = Mode::Returning;

@@ -39,6 +39,7 @@ mod proxy_passthrough;
 mod recipes;
 mod reload;
 mod revocation;
+mod slice_holds;
 mod sse;
 mod telemetry;
 
