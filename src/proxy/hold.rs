@@ -42,6 +42,7 @@ pub struct Hold {
 }
 
 impl Hold {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         account_id: &str,
         charge_id: &str,
