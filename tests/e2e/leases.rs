@@ -42,17 +42,18 @@ monthly_credits = {monthly}
     ))
 }
 
-async fn account_view(app: &App, account: &str) -> Value {
+/// `GET /v1/accounts/{id}` (asserted 200).
+pub(crate) async fn account_view(app: &App, account: &str) -> Value {
     let (status, body) = app.admin_get(&format!("/v1/accounts/{account}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
 }
 
-fn total_of(view: &Value) -> i64 {
+pub(crate) fn total_of(view: &Value) -> i64 {
     micros(&view["balance"]["total"])
 }
 
-fn leased_of(view: &Value) -> i64 {
+pub(crate) fn leased_of(view: &Value) -> i64 {
     micros(&view["balance"]["leased"])
 }
 

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{http_client_no_pool, json_response, poll_until, App, ConfigBuilder, TestEnv};
 use crate::journal_util::{journal, ledger_cmd, micros};
+use crate::leases::{account_view, leased_of, total_of};
 use crate::ledger_util::{grant, metric, Answer};
 use crate::upstream::FakeUpstream;
 
@@ -151,20 +152,6 @@ async fn post_stream(
     (status, charged, String::from_utf8_lossy(&text).into_owned())
 }
 
-async fn account_view(app: &App, account: &str) -> Value {
-    let (status, body) = app.admin_get(&format!("/v1/accounts/{account}")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
-
-fn total_of(view: &Value) -> i64 {
-    micros(&view["balance"]["total"])
-}
-
-fn leased_of(view: &Value) -> i64 {
-    micros(&view["balance"]["leased"])
-}
-
 /// Waits until no slice of the account is outstanding and the journal in Postgres has caught
 /// up with the balance (allowance and purchased each); returns the balance (µc).
 async fn quiet(env: &TestEnv, app: &App, account: &str) -> i64 {
@@ -196,6 +183,27 @@ async fn caught_up(env: &TestEnv, app: &App, account: &str, slices_back: bool) -
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `tollgate ledger audit` on the test's database and Redis finds nothing wrong.
+async fn assert_audit_clean(env: &TestEnv, cfg: &ConfigBuilder) {
+    let out = ledger_cmd(env, cfg, "audit", &[]).await;
+    assert!(out.success(), "ledger audit: {out}");
+}
+
+/// One instance with slices on (see [`config`]), an account on tier `metered` with a key, and
+/// a client without connection reuse.
+async fn one_instance(
+    env: &TestEnv,
+    up: &FakeUpstream,
+    monthly: u64,
+    leases: &str,
+    routes: &str,
+) -> (ConfigBuilder, App, String, String, reqwest::Client) {
+    let cfg = config(env, &up.url(), monthly, leases, routes);
+    let app = cfg.spawn().await;
+    let (account, key) = app.account_with_key("metered").await;
+    (cfg, app, account, key, http_client_no_pool())
 }
 
 /// One journal row of a hold (kinds debit, extend, settle).
@@ -417,16 +425,8 @@ async fn a_hold_that_fits_the_slice_is_taken_and_settled_in_process() {
             &format!("{{ {prices}, reserve = 0.1, reserve_from_max_tokens = true }}")
         )
     );
-    let cfg = config(
-        &env,
-        &up.url(),
-        1000,
-        "batch_ms = 50\nidle_ms = 1000",
-        &routes,
-    );
-    let app = cfg.spawn().await;
-    let (account, key) = app.account_with_key("metered").await;
-    let client = http_client_no_pool();
+    let (cfg, app, account, key, client) =
+        one_instance(&env, &up, 1000, "batch_ms = 50\nidle_ms = 1000", &routes).await;
     let usage = "/v1/chat/completions?prompt_tokens=10&completion_tokens=20";
     let est_usage = format!("/est{usage}");
     // 0.01 + ⌈10 × 0.5⌉ + 20 × 1.5 per 1k = 0.045.
@@ -502,8 +502,7 @@ async fn a_hold_that_fits_the_slice_is_taken_and_settled_in_process() {
         quiet(&env, &app, &account).await,
         1000 * C - n as i64 * cost
     );
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 2. Money is exact: N concurrent sliced holds, each settled at its true cost; once quiet the
@@ -518,16 +517,8 @@ async fn concurrent_sliced_holds_settle_to_the_exact_true_cost() {
         "/v1",
         "{ per_request = 0.01, input_per_1k_tokens = 0.5, output_per_1k_tokens = 1.5, reserve = 1 }",
     );
-    let cfg = config(
-        &env,
-        &up.url(),
-        500,
-        "batch_ms = 50\nidle_ms = 1000",
-        &routes,
-    );
-    let app = cfg.spawn().await;
-    let (account, key) = app.account_with_key("metered").await;
-    let client = http_client_no_pool();
+    let (cfg, app, account, key, client) =
+        one_instance(&env, &up, 500, "batch_ms = 50\nidle_ms = 1000", &routes).await;
     // Half the requests report 10 / 20 tokens (0.045), half 1000 / 3000 (0.01 + 0.5 + 4.5 =
     // 5.01, more than the hold of 1: the settle takes the extra).
     let cheap = 10_000 + per_1k(500_000, 10) + per_1k(1_500_000, 20);
@@ -590,8 +581,7 @@ async fn concurrent_sliced_holds_settle_to_the_exact_true_cost() {
         "{} of {N} holds took the exact path: {p:?}",
         p.exact
     );
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 3. SSE streams whose running cost passes the hold top it up from the slice (`extend` rows
@@ -604,16 +594,8 @@ async fn streams_top_up_from_the_slice_and_settle_to_their_final_usage() {
     // 0.1 credit per output token, hold 1: the running cost (one token per event) passes the
     // hold after 10 events, and again every 10 events after each top-up of one reserve.
     let routes = route("chat", "/v1", "{ output_per_1k_tokens = 100, reserve = 1 }");
-    let cfg = config(
-        &env,
-        &up.url(),
-        100,
-        "batch_ms = 50\nidle_ms = 1000",
-        &routes,
-    );
-    let app = cfg.spawn().await;
-    let (account, key) = app.account_with_key("metered").await;
-    let client = http_client_no_pool();
+    let (cfg, app, account, key, client) =
+        one_instance(&env, &up, 100, "batch_ms = 50\nidle_ms = 1000", &routes).await;
     // The slice is taken by a first, small request (1 output token: 0.1).
     let a = post(
         &client,
@@ -707,8 +689,7 @@ async fn streams_top_up_from_the_slice_and_settle_to_their_final_usage() {
         p.extend_calls, 0.0,
         "the streams were topped up from the slice, not by the extend script: {p:?}"
     );
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 4. A settle that costs more than held takes the extra, allowance first, then purchased into
@@ -719,16 +700,8 @@ async fn a_settle_past_the_hold_charges_the_extra_into_debt_then_refuses() {
     let up = FakeUpstream::start().await;
     // Held: the reserve of 2; 1 credit per 1k output tokens.
     let routes = route("chat", "/v1", "{ output_per_1k_tokens = 1, reserve = 2 }");
-    let cfg = config(
-        &env,
-        &up.url(),
-        100,
-        "batch_ms = 50\nidle_ms = 1000",
-        &routes,
-    );
-    let app = cfg.spawn().await;
-    let (account, key) = app.account_with_key("metered").await;
-    let client = http_client_no_pool();
+    let (cfg, app, account, key, client) =
+        one_instance(&env, &up, 100, "batch_ms = 50\nidle_ms = 1000", &routes).await;
     // Admitted on the hold (100 ≥ 2); the response really costs 150.
     let a = post(
         &client,
@@ -807,8 +780,7 @@ async fn a_settle_past_the_hold_charges_the_extra_into_debt_then_refuses() {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(quiet(&env, &app, &account).await, 10 * C - C / 2);
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 5. SIGKILL with a sliced hold outstanding: once reported, the hold stays charged as held
@@ -948,8 +920,7 @@ async fn a_killed_instance_leaves_its_reported_hold_charged_and_its_slice_comes_
     assert_eq!(a2.status, 200, "{}", a2.body);
     // (B keeps the slice it took for this: idle_ms is long here.)
     assert_eq!(caught_up(&env, &b, &account, false).await, expected - C);
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 6. Two instances, a balance of exactly K holds, requests whose true cost is their hold:
@@ -1026,8 +997,7 @@ async fn k_holds_worth_buys_exactly_k_token_priced_requests_across_two_instances
         pa.sliced + pb.sliced > 0.0,
         "no hold came from a slice: {pa:?} {pb:?}"
     );
-    let out = ledger_cmd(&env, &cfg, "audit", &[]).await;
-    assert!(out.success(), "ledger audit: {out}");
+    assert_audit_clean(&env, &cfg).await;
 }
 
 /// 3b. A stream that outlasts `idle_ms` before its running cost passes the hold still tops up
@@ -1041,16 +1011,8 @@ async fn a_stream_that_outlasts_idle_ms_still_tops_up_and_is_not_cut() {
     // 0.1 credit per output token, hold 1: the running cost passes the hold after 10 events,
     // 1.5 s in, three times the idle time.
     let routes = route("chat", "/v1", "{ output_per_1k_tokens = 100, reserve = 1 }");
-    let cfg = config(
-        &env,
-        &up.url(),
-        100,
-        "batch_ms = 50\nidle_ms = 500",
-        &routes,
-    );
-    let app = cfg.spawn().await;
-    let (account, key) = app.account_with_key("metered").await;
-    let client = http_client_no_pool();
+    let (cfg, app, account, key, client) =
+        one_instance(&env, &up, 100, "batch_ms = 50\nidle_ms = 500", &routes).await;
     let (status, charged, text) = post_stream(
         &client,
         &app,
@@ -1075,4 +1037,5 @@ async fn a_stream_that_outlasts_idle_ms_still_tops_up_and_is_not_cut() {
     assert_eq!(c.total(), cost, "{c:#?}");
     assert_eq!(c.settle[0].reason.as_deref(), Some("usage"), "{c:#?}");
     assert_eq!(paths(&app).await.extend_calls, 0.0);
+    assert_audit_clean(&env, &cfg).await;
 }
