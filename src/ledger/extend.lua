@@ -1,7 +1,7 @@
 -- extend: keeps a hold alive and, with a step, takes more for it: the next started minute of
 -- a long session, or the next slice of a stream whose running cost passed what is held.
--- Takes the step when the balance has it, else what is left (never below zero), and says so:
--- the caller then ends the stream. Each amount taken is journaled (`extend`).
+-- Takes the step when the balance outside credit slices has it, else what is left (never below
+-- zero), and says so: the caller then ends the stream. Each amount taken is journaled (`extend`).
 -- KEYS: 1 account hash, 2 shard usage stream, 3 shard holds zset, 4 shard hold records hash,
 --       5 account lease zset, 6 the account's lease zset for the request's action
 -- ARGV: 1 charge id, 2 step (µc; 0 = only renew the hold's and the lease's expiry),
@@ -26,7 +26,9 @@ if step <= 0 then return {0, 0, int(h.held), 0, int(usable + purchased)} end
 
 local take, ta, tp = step, 0, 0
 if not h.unl then
-  take = math.min(step, math.max(usable + purchased, 0))
+  -- Money reserved in other instances' credit slices is not free: they may spend it.
+  local leased = tonumber(redis.call('HGET', acct, 'leased') or '0')
+  take = math.min(step, math.max(usable + purchased - leased, 0))
   ta = math.min(math.max(usable, 0), take)
   tp = take - ta
 end

@@ -22,6 +22,8 @@
 //!   instance's slice comes back within `leases.ttl_ms`, balance = Σ journal on the survivor;
 //! - two instances at the exhaustion boundary: a balance of exactly K holds buys exactly K
 //!   requests across both (no over-spend, no false 402).
+//! - an exact-path stream's top-ups beside another instance's slice take only money outside the
+//!   slices: the balance ends at exactly 0 when both are spent, never below.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -1037,5 +1039,92 @@ async fn a_stream_that_outlasts_idle_ms_still_tops_up_and_is_not_cut() {
     assert_eq!(c.total(), cost, "{c:#?}");
     assert_eq!(c.settle[0].reason.as_deref(), Some("usage"), "{c:#?}");
     assert_eq!(paths(&app).await.extend_calls, 0.0);
+    assert_audit_clean(&env, &cfg).await;
+}
+
+/// 8. An exact-path stream (its tier has `tokens_per_month`, so its holds stay exact) beside
+///    another instance's slice of the same account: its top-ups take only money outside the
+///    slices, so when the slice is spent too the balance ends at exactly 0, never below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_streams_top_ups_leave_other_instances_slices_alone() {
+    let env = TestEnv::new().await;
+    let up = FakeUpstream::start().await;
+    let cfg = env.config().redis("timeout_ms = 2000").toml(format!(
+        r#"
+[leases]
+enabled = true
+batch_ms = 50
+idle_ms = 60000
+
+[[upstreams]]
+name = "ai"
+url = "{}"
+
+{}
+[[routes]]
+name = "fixed"
+path_prefix = "/fixed"
+upstream = "ai"
+cost = 1
+
+[tiers.mixed]
+monthly_credits = 10
+tokens_per_month = 100000000
+"#,
+        up.url(),
+        route("chat", "/v1", "{ output_per_1k_tokens = 100, reserve = 1 }")
+    ));
+    let a = cfg.spawn().await;
+    let b = cfg.spawn().await;
+    let (account, key) = a.account_with_key("mixed").await;
+    let client = http_client_no_pool();
+    let fixed = || async {
+        crate::ledger_util::call_with(&client, &b, &key, reqwest::Method::GET, "/fixed/x")
+            .await
+            .status
+    };
+    // B takes a slice of the account with two fixed-price requests.
+    for _ in 0..2 {
+        assert_eq!(fixed().await, StatusCode::OK);
+    }
+    let reserved = poll_until(Duration::from_secs(10), || async {
+        leased_of(&account_view(&b, &account).await) > 0
+    })
+    .await;
+    assert!(
+        reserved,
+        "B holds no slice: {}",
+        account_view(&b, &account).await
+    );
+
+    // A 30-credit stream through A on the exact path: cut once the money outside B's slice is
+    // gone.
+    let (status, _, text) = post_stream(
+        &client,
+        &a,
+        &key,
+        "/v1/chat/completions?n=300&delay_ms=5&completion_tokens=300",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("insufficient_credits"), "not cut: {text}");
+    assert_eq!(paths(&a).await.sliced, 0.0, "the stream's hold is exact");
+
+    // B spends what its slice still holds, then is refused.
+    let mut served = 0;
+    while fixed().await == StatusCode::OK {
+        served += 1;
+        assert!(served <= 10, "B served more than the account ever had");
+    }
+    assert_eq!(quiet(&env, &b, &account).await, 0, "spent to exactly zero");
+    let pg = env.pg().await;
+    let lowest: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(min(allowance_after + purchased_after), 0)::BIGINT FROM ledger_entries WHERE account_id = $1",
+    )
+    .bind(&account)
+    .fetch_one(&pg)
+    .await
+    .expect("query");
+    assert!(lowest >= 0, "the balance went to {lowest} µc");
     assert_audit_clean(&env, &cfg).await;
 }
