@@ -266,7 +266,7 @@ mod tests {
         );
         // The settle's purchased part from earlier reports: none (every row of the hold is
         // in this report, where the script adds them up).
-        assert_eq!(sec.refund_parts, [-1, -1, -1, 0]);
+        assert_eq!(sec.parts, [-1, -1, -1, 0]);
         let slot = leases.slot("acct").expect("slot");
         let s = slot.lock();
         assert!(
@@ -305,6 +305,6 @@ mod tests {
             .settle("acct", "c1", 3, &USAGE, ROW)
             .expect("settled");
         let report = crate::lease::report::build(&leases, 0, 2, false);
-        assert_eq!(report.sections[0].refund_parts, [6]);
+        assert_eq!(report.sections[0].parts, [6]);
     }
 }

@@ -42,7 +42,7 @@ pub(super) struct Section {
     pub(super) rows: Vec<Row>,
     /// Per row: a refund's allowance part when a reply told it (else -1); a settle's
     /// purchased part of its hold from applied reports.
-    pub(super) refund_parts: Vec<i64>,
+    pub(super) parts: Vec<i64>,
 }
 
 /// The sorted set of a shard's slices (score = expiry, ms).
@@ -98,7 +98,7 @@ pub(super) fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> R
         let mut rows = std::mem::take(&mut s.pending);
         s.spent_since_report = 0;
         let mut net = 0;
-        let mut refund_parts = Vec::with_capacity(rows.len());
+        let mut parts = Vec::with_capacity(rows.len());
         for r in rows.iter_mut() {
             net += r.net();
             let part = match r.kind {
@@ -115,7 +115,7 @@ pub(super) fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> R
                 }),
                 RowKind::Debit | RowKind::Extend => -1,
             };
-            refund_parts.push(part);
+            parts.push(part);
         }
         s.pending_net -= net;
         s.sent_net = net;
@@ -128,7 +128,7 @@ pub(super) fn build(leases: &Leases, shard: usize, seq: u64, closing: bool) -> R
             want,
             floor: if want > 0 { s.floor } else { 0 },
             rows,
-            refund_parts,
+            parts,
         });
     }
     if !drop.is_empty() {
@@ -227,7 +227,7 @@ async fn send(
             .arg(sec.want)
             .arg(sec.floor)
             .arg(sec.rows.len());
-        for (row, part) in sec.rows.iter().zip(&sec.refund_parts) {
+        for (row, part) in sec.rows.iter().zip(&sec.parts) {
             call.arg(row.kind.code())
                 .arg(&row.charge_id)
                 .arg(row.amount)
